@@ -1,0 +1,32 @@
+"""Neural-network building blocks of the E-Branchformer (and Conformer) encoder."""
+
+from ..config import build_dict
+from .attention import RelPosSelfAttention, SelfAttention
+from .cgmlp import FeedForwardConvGated
+from .conformer_layer import ConformerLayer, ConformerLayerConfig
+from .dropout import Dropout
+from .ebranchformer_layer import EBranchformerLayer, EBranchformerLayerConfig
+from .encoder import ConformerEncoder, EncoderConfig
+from .feedforward import FeedForward
+from .merge import Merge
+from .norm import LayerNorm
+from .subsampling import Conv2dSubsampling, LinearInput
+
+__all__ = [
+    "ConformerEncoder",
+    "ConformerLayer",
+    "ConformerLayerConfig",
+    "Conv2dSubsampling",
+    "Dropout",
+    "EBranchformerLayer",
+    "EBranchformerLayerConfig",
+    "EncoderConfig",
+    "FeedForward",
+    "FeedForwardConvGated",
+    "LayerNorm",
+    "LinearInput",
+    "Merge",
+    "RelPosSelfAttention",
+    "SelfAttention",
+    "build_dict",
+]

@@ -1,0 +1,200 @@
+"""Multi-head self-attention: Transformer-XL relative positions (``RelPosSelfAttention``) and plain
+absolute-position attention (``SelfAttention``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import register
+from .dropout import Dropout
+from .norm import LayerNorm
+from .posenc import legacy_rel_pos_table, rel_pos_table
+
+__all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legacy"]
+
+
+def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """(..., T, 2T-1) -> (..., T, T) with ``out[..., i, j] = bd[..., i, T-1-i+j]`` (distance i - j).
+
+    The fast form is a strided view (no copy); the plain form gathers with an explicit index.
+    """
+    t = bd.shape[-2]
+    if fast:
+        bd = bd.contiguous()
+        *lead, _, w = bd.shape  # w = 2T-1
+        strides = list(bd.stride()[:-2]) + [w - 1, 1]
+        return bd.as_strided((*lead, t, t), strides, bd.storage_offset() + t - 1)  # (..., T, T)
+    i = torch.arange(t, device=bd.device)
+    idx = (t - 1) - i[:, None] + i[None, :]  # (T, T)
+    return bd.gather(-1, idx.expand(*bd.shape[:-1], t))  # (..., T, T)
+
+
+def rel_shift_legacy(bd: torch.Tensor) -> torch.Tensor:
+    """ESPnet's legacy Transformer-XL shift of a (..., T, T) score matrix: prepend a zero column, read the
+    (T, T+1) block row-major from offset T (i.e. drop the first row of its (T+1, T) view)."""
+    *lead, t, _ = bd.shape
+    padded = F.pad(bd, (1, 0))  # (..., T, T+1)
+    return padded.reshape(*lead, t * (t + 1))[..., t:].reshape(*lead, t, t)  # (..., T, T)
+
+
+class _MultiHeadBase(nn.Module):
+    """Shared projections: a fused ``qkv`` Linear (D -> 3D, rows [Q; K; V]) and ``out_proj``."""
+
+    def __init__(self, dim: int, num_heads: int, att_dropout: float, with_bias: bool) -> None:
+        super().__init__()
+        if num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"out_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=with_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=with_bias)
+        self.att_dropout = float(att_dropout)
+        self.dropout = Dropout(att_dropout)
+        self.fast = True
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, dk)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, dk) each
+        return q, k, v
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """softmax((q k^T + bias) / sqrt(dk), keys masked by ``valid``) v, then ``out_proj``."""
+        b, h, t, dk = q.shape
+        keep = valid[:, None, None, :]  # (B, 1, 1, T)
+        if self.fast:
+            scale = 1.0 / math.sqrt(dk)
+            if bias is None:
+                mask = keep
+            else:
+                mask = (bias * scale).masked_fill(~keep, float("-inf"))  # (B, H, T, T)
+            p = self.att_dropout if self.training else 0.0
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+        else:
+            s = torch.matmul(q, k.transpose(-2, -1))  # (B, H, T, T)
+            if bias is not None:
+                s = s + bias
+            s = (s / math.sqrt(dk)).masked_fill(~keep, float("-inf"))
+            att = torch.softmax(s.float(), dim=-1).to(q.dtype)
+            o = torch.matmul(self.dropout(att), v)  # (B, H, T, dk)
+        o = o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
+        return self.out_proj(o)
+
+
+@register
+class RelPosSelfAttention(_MultiHeadBase):
+    """Transformer-XL relative-position self-attention (ESPnet ``RelPositionMultiHeadedAttention``, RETURNN
+    ``RelPosSelfAttention``) with a sinusoidal 2T-1 table.
+
+    ::
+
+        scores[i, j] = ((q_i + u) . k_j + (q_i + v) . P(i - j)) / sqrt(dk),   P = linear_pos(sinusoid table)
+
+    Args:
+        dim: model dim D (in = out = key = value total).
+        num_heads: H, must divide D (Default: ``4``).
+        att_dropout: dropout on the attention weights, training only (Default: ``0.1``).
+        with_bias: biases in ``qkv`` and ``out_proj`` (Default: ``True``).
+        pos_emb_dropout: dropout on the projected position table, training only (Default: ``0.0``).
+        zero_triu: ESPnet's option, zero the positional term for keys after the query (Default: ``False``).
+        legacy: ESPnet's ``legacy_rel_selfattn`` + ``legacy_rel_pos`` (T x T table of absolute positions counted
+            from the end of a ``legacy_max_len`` table, Transformer-XL shift) (Default: ``False``).
+        legacy_max_len: ESPnet's ``max_pos_emb_len`` for the legacy variant (Default: ``5000``).
+
+    Forward: ``(x (B, T, D), valid (B, T) bool) -> (B, T, D)``. Only keys are masked; padded query rows are
+    computed like the others.
+
+    The fast path (``fast=True``, Default) passes the positional term as an additive bias to
+    ``scaled_dot_product_attention`` and shifts with a strided view; the plain path spells the math out.
+
+    Example:
+        >>> att = RelPosSelfAttention(256, num_heads=4)
+        >>> x, valid = torch.randn(2, 10, 256), torch.ones(2, 10, dtype=torch.bool)
+        >>> att(x, valid).shape
+        torch.Size([2, 10, 256])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        *,
+        att_dropout: float = 0.1,
+        with_bias: bool = True,
+        pos_emb_dropout: float = 0.0,
+        zero_triu: bool = False,
+        legacy: bool = False,
+        legacy_max_len: int = 5000,
+    ) -> None:
+        super().__init__(dim, num_heads, att_dropout, with_bias)
+        if dim % 2:
+            raise ValueError(f"RelPosSelfAttention needs an even dim for its sinusoid table, got {dim}")
+        self.linear_pos = nn.Linear(dim, dim, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.empty(num_heads, self.head_dim))
+        self.pos_bias_v = nn.Parameter(torch.empty(num_heads, self.head_dim))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+        self.pos_emb_dropout = Dropout(pos_emb_dropout)
+        self.zero_triu, self.legacy, self.legacy_max_len = bool(zero_triu), bool(legacy), int(legacy_max_len)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, dk = self.num_heads, self.head_dim
+        q, k, v = self._qkv(x)  # (B, H, T, dk)
+        if self.legacy:
+            table = legacy_rel_pos_table(t, self.dim, self.legacy_max_len, device=x.device, dtype=x.dtype)
+        else:
+            table = rel_pos_table(t, self.dim, device=x.device, dtype=x.dtype)  # (2T-1, D)
+        p = self.linear_pos(self.pos_emb_dropout(table))  # (P, D), P = 2T-1 (latest) or T (legacy)
+        p = p.view(-1, h, dk).transpose(0, 1)  # (H, P, dk)
+        bd = torch.matmul(q + self.pos_bias_v[:, None, :], p.transpose(-2, -1))  # (B, H, T, P)
+        bd = rel_shift_legacy(bd) if self.legacy else rel_shift(bd, fast=self.fast)  # (B, H, T, T)
+        if self.zero_triu:
+            bd = bd * torch.ones(t, t, device=x.device, dtype=bd.dtype).tril()
+        return self._attend(q + self.pos_bias_u[:, None, :], k, v, bd, valid)
+
+
+@register
+class SelfAttention(_MultiHeadBase):
+    """Plain multi-head self-attention for absolute positions (ESPnet ``selfattn``, as in OWSM v3.1).
+
+    Args:
+        dim: model dim D.
+        num_heads: H (Default: ``4``).
+        att_dropout: dropout on the attention weights (Default: ``0.1``).
+        with_bias: biases in the projections (Default: ``True``).
+        qk_norm: LayerNorm over dk on q and k, ESPnet's ``qk_norm`` (Default: ``False``).
+        qk_norm_eps: its epsilon (Default: ``1e-12``, ESPnet's).
+
+    Forward: ``(x (B, T, D), valid (B, T) bool) -> (B, T, D)``.
+
+    Example:
+        >>> att = SelfAttention(256, num_heads=4)
+        >>> att(torch.randn(2, 10, 256), torch.ones(2, 10, dtype=torch.bool)).shape
+        torch.Size([2, 10, 256])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        *,
+        att_dropout: float = 0.1,
+        with_bias: bool = True,
+        qk_norm: bool = False,
+        qk_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__(dim, num_heads, att_dropout, with_bias)
+        self.q_norm = LayerNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else None
+        self.k_norm = LayerNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else None
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)  # (B, H, T, dk)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self._attend(q, k, v, None, valid)

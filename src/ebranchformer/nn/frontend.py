@@ -1,0 +1,42 @@
+"""What an encoder frontend (``input_layer``) provides, and the shared too-short check."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Frontend", "check_min_length"]
+
+PADDING_MODES = ("masked", "espnet_legacy")
+
+
+class Frontend(nn.Module):
+    """Base of the input layers: ``forward(x (B, T, F), lengths (B,), *, padding) -> (y (B, T', out_dim), lengths')``.
+
+    Subclasses set ``in_dim``, ``out_dim`` and ``min_length`` (the shortest input that yields one output frame)
+    and implement ``output_lengths`` (each row's own output length, the ``"masked"`` rule).
+    """
+
+    in_dim: int
+    out_dim: int
+    min_length: int = 1
+    takes_model_dim: bool = False  # True: the encoder passes out_dim=D when the spec does not set it
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_min_length(name: str, lengths: torch.Tensor, padded_len: int, min_length: int, per_row: bool) -> None:
+    """Raise ValueError when the input is too short for the subsampling.
+
+    ``per_row``: every row must reach ``min_length`` (masked mode); else only the padded length (ESPnet's check).
+    """
+    if min_length <= 1 or torch.compiler.is_compiling():
+        return
+    shortest = int(lengths.min()) if per_row else padded_len
+    if shortest < min_length:
+        what = "min(lengths)" if per_row else "the padded length T"
+        raise ValueError(
+            f"input too short for the subsampling: input_layer {name!r} needs at least {min_length} frames, "
+            f"got {what}={shortest}"
+        )

@@ -1,0 +1,46 @@
+"""The one mask convention (bool ``valid`` (B, T), True on real frames) and input checks with clear errors."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_encoder_input", "lengths_to_valid", "mask_padded"]
+
+
+def lengths_to_valid(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Bool mask (B, T) with ``valid[b, t] = t < lengths[b]``."""
+    t = torch.arange(max_len, device=lengths.device)  # (T,)
+    return t[None, :] < lengths[:, None]  # (B, T)
+
+
+def mask_padded(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded frames of x (B, T, D); identity when ``valid`` is None."""
+    if valid is None:
+        return x
+    return x * valid[:, :, None].to(x.dtype)
+
+
+def check_encoder_input(x: torch.Tensor, lengths: torch.Tensor, in_dim: int) -> None:
+    """Validate (x, lengths) for an encoder; raise TypeError/ValueError that name the argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, T, {in_dim}), got {type(x).__name__}")
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be an integer torch.Tensor of shape (B,), got {type(lengths).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, T, {in_dim}), got {tuple(x.shape)}")
+    if x.shape[-1] != in_dim:
+        raise ValueError(f"x feature dim must be in_dim={in_dim}, got x.shape[-1]={x.shape[-1]}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must have shape (B,), got {tuple(lengths.shape)}")
+    if lengths.shape[0] != x.shape[0]:
+        raise ValueError(f"lengths has batch size {lengths.shape[0]} but x has batch size {x.shape[0]}")
+    if not torch.compiler.is_compiling() and lengths.numel() > 0:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo <= 0:
+            raise ValueError(f"lengths must be >= 1, got min(lengths)={lo}")
+        if hi > x.shape[1]:
+            raise ValueError(f"lengths must be <= T={x.shape[1]} (x.shape[1]), got max(lengths)={hi}")

@@ -1,0 +1,64 @@
+"""The E-Branchformer merge: depthwise conv over the concatenated branches, plus a projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import register
+from .cgmlp import check_odd_kernel
+from .masking import mask_padded
+
+__all__ = ["Merge"]
+
+
+@register
+class Merge(nn.Module):
+    """``merge_proj(z + dwconv_K(z))`` with ``z = concat(a, g)`` (attention branch first).
+
+    Args:
+        in_dim1: size of the first (attention) branch.
+        in_dim2: size of the second (cgMLP) branch.
+        out_dim: output size D.
+        merge_conv_kernel: odd depthwise conv kernel (Default: ``3``; the paper's recipes use 31).
+
+    Forward: ``(a (B, T, in_dim1), g (B, T, in_dim2), valid (B, T) or None) -> (B, T, D)``. With ``valid``, padded
+    frames are zeroed before the conv (the residual ``z`` itself is not masked).
+
+    Two equal computations are kept: the plain one concatenates; the fast one (``fast=True``, Default) uses that a
+    depthwise conv acts per channel, so ``merge_proj`` splits into two halves and the (B, T, 2D) concat is never
+    built.
+
+    Example:
+        >>> m = Merge(in_dim1=256, in_dim2=256, out_dim=256, merge_conv_kernel=31)
+        >>> m(torch.randn(2, 10, 256), torch.randn(2, 10, 256)).shape
+        torch.Size([2, 10, 256])
+    """
+
+    def __init__(self, *, in_dim1: int, in_dim2: int, out_dim: int, merge_conv_kernel: int = 3) -> None:
+        super().__init__()
+        k = check_odd_kernel("merge_conv_kernel", merge_conv_kernel)
+        self.in_dim1, self.in_dim2 = int(in_dim1), int(in_dim2)
+        cat = self.in_dim1 + self.in_dim2
+        self.depthwise_conv_fusion = nn.Conv1d(cat, cat, k, padding=(k - 1) // 2, groups=cat)
+        self.merge_proj = nn.Linear(cat, out_dim)
+        self.fast = True
+
+    def forward(self, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fast:
+            return self._forward_split(a, g, valid)
+        z = torch.cat([a, g], dim=-1)  # (B, T, 2D)
+        zc = self.depthwise_conv_fusion(mask_padded(z, valid).transpose(1, 2)).transpose(1, 2)  # (B, T, 2D)
+        return self.merge_proj(z + zc)
+
+    def _forward_split(self, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        d1 = self.in_dim1
+        w, b = self.depthwise_conv_fusion.weight, self.depthwise_conv_fusion.bias
+        pad = self.depthwise_conv_fusion.padding
+        ac = nn.functional.conv1d(mask_padded(a, valid).transpose(1, 2), w[:d1], b[:d1], padding=pad, groups=d1)
+        gc = nn.functional.conv1d(
+            mask_padded(g, valid).transpose(1, 2), w[d1:], b[d1:], padding=pad, groups=self.in_dim2
+        )
+        pw = self.merge_proj.weight  # (D, 2D)
+        y = nn.functional.linear(a + ac.transpose(1, 2), pw[:, :d1], self.merge_proj.bias)  # (B, T, D)
+        return y + nn.functional.linear(g + gc.transpose(1, 2), pw[:, d1:])

@@ -1,0 +1,134 @@
+"""ESPnet's input layers: ``Conv2dSubsampling`` (conv2d, conv2d2, conv2d6, conv2d8) and ``LinearInput``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import register
+from .frontend import PADDING_MODES, Frontend, check_min_length
+from .masking import lengths_to_valid
+from .norm import LayerNorm
+
+__all__ = ["Conv2dSubsampling", "LinearInput"]
+
+# kind -> [(time/freq kernel, stride), ...]; every conv is "valid" (no padding) and followed by ReLU.
+_CONVS = {
+    "conv2d": [(3, 2), (3, 2)],
+    "conv2d2": [(3, 2), (3, 1)],
+    "conv2d6": [(3, 2), (5, 3)],
+    "conv2d8": [(3, 2), (3, 2), (3, 2)],
+}
+# ESPnet <= 202511 subsamples the padded mask by slicing ``mask[..., :-trim:step]`` once per conv.
+_LEGACY_SLICES = {
+    "conv2d": [(2, 2), (2, 2)],
+    "conv2d2": [(2, 2), (2, 1)],
+    "conv2d6": [(2, 2), (4, 3)],
+    "conv2d8": [(2, 2), (2, 2), (2, 2)],
+}
+
+
+def _conv_len(n, k: int, s: int):
+    return (n - k) // s + 1
+
+
+@register
+class Conv2dSubsampling(Frontend):
+    """ESPnet's ``Conv2dSubsampling*``: 2-D convs (ReLU after each) over (time, freq), flatten, Linear to out_dim.
+
+    Args:
+        in_dim: feature dim F (e.g. 80).
+        out_dim: model dim D; also the conv channels.
+        kind: ``"conv2d"`` (x4, Default), ``"conv2d2"`` (x2), ``"conv2d6"`` (x6), ``"conv2d8"`` (x8).
+
+    Forward: ``(x (B, T, F), lengths (B,), *, padding="masked") -> (y (B, T', D), lengths')``.
+
+    - ``"masked"``: padded frames are zeroed before each conv, ``lengths'`` is each row's conv formula, so a row's
+      output does not depend on its batch mates.
+    - ``"espnet_legacy"``: ESPnet <= 202511: no masking, ``lengths'`` from slicing the padded mask (shorter rows get
+      1-2 frames more than the conv formula). Expects T == max(lengths), as ESPnet does.
+
+    The flatten order is channel-major (feature index ``c * F' + f``), as ESPnet's.
+
+    Example:
+        >>> sub = Conv2dSubsampling(80, 256)
+        >>> y, n = sub(torch.randn(2, 100, 80), torch.tensor([100, 90]))
+        >>> y.shape, n.tolist()
+        (torch.Size([2, 24, 256]), [24, 21])
+    """
+
+    takes_model_dim = True
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "conv2d") -> None:
+        super().__init__()
+        if kind not in _CONVS:
+            raise ValueError(f"kind must be one of {sorted(_CONVS)}, got {kind!r}")
+        self.in_dim, self.out_dim, self.kind = int(in_dim), int(out_dim), kind
+        self.convs = nn.ModuleList()
+        f, c_in, t_min = self.in_dim, 1, 1
+        for k, s in _CONVS[kind]:
+            self.convs.append(nn.Conv2d(c_in, self.out_dim, k, s))
+            f, c_in = _conv_len(f, k, s), self.out_dim
+        for k, s in reversed(_CONVS[kind]):
+            t_min = (t_min - 1) * s + k  # shortest input giving one output frame
+        if f < 1:
+            raise ValueError(f"in_dim={in_dim} is too small for input_layer {kind!r} (frequency axis vanishes)")
+        self.min_length = t_min
+        self.out = nn.Linear(self.out_dim * f, self.out_dim)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for k, s in _CONVS[self.kind]:
+            lengths = _conv_len(lengths, k, s)
+        return lengths
+
+    def legacy_lengths(self, lengths: torch.Tensor, padded_len: int) -> torch.Tensor:
+        """ESPnet <= 202511's lengths: slice the padded (B, T) mask once per conv, count what is left."""
+        c, w = lengths, padded_len
+        for trim, step in _LEGACY_SLICES[self.kind]:
+            c = (torch.clamp(c, max=w - trim) + step - 1) // step  # ceil(min(c, W - trim) / step)
+            w = (w - trim + step - 1) // step
+        return c
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        masked = padding == "masked"
+        check_min_length(self.kind, lengths, x.shape[1], self.min_length, per_row=masked)
+        h = x[:, None]  # (B, 1, T, F)
+        n = lengths
+        for (k, s), conv in zip(_CONVS[self.kind], self.convs):
+            if masked:
+                h = h * lengths_to_valid(n, h.shape[2])[:, None, :, None].to(h.dtype)
+                n = _conv_len(n, k, s)
+            h = F.relu(conv(h))  # (B, C, T', F')
+        b, c, t, f = h.shape
+        y = self.out(h.transpose(1, 2).reshape(b, t, c * f))  # (B, T', C*F') -> (B, T', D)
+        return y, (n if masked else self.legacy_lengths(lengths, x.shape[1]))
+
+
+@register
+class LinearInput(Frontend):
+    """ESPnet's ``input_layer="linear"``: Linear(F, D), LayerNorm (eps ``1e-5``, torch's), dropout.
+
+    Forward: ``(x (B, T, F), lengths, *, padding) -> (y (B, T, D), lengths)``.
+    """
+
+    takes_model_dim = True
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.linear = nn.Linear(self.in_dim, self.out_dim)
+        self.norm = LayerNorm(self.out_dim, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return lengths
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dropout(self.norm(self.linear(x))), lengths
