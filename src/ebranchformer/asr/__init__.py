@@ -1,0 +1,1 @@
+"""Speech recognition around the encoder: features, tokenizers, data, the CTC model, decoding and training."""
