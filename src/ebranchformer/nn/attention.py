@@ -18,16 +18,15 @@ __all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legac
 
 
 def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
-    """(..., T, 2T-1) -> (..., T, T) with ``out[..., i, j] = bd[..., i, T-1-i+j]`` (distance i - j).
+    """(B, H, T, 2T-1) -> (B, H, T, T) with ``out[..., i, j] = bd[..., i, T-1-i+j]`` (distance i - j).
 
     The fast form is a strided view (no copy); the plain form gathers with an explicit index.
     """
     t = bd.shape[-2]
     if fast:
-        bd = bd.contiguous()
-        *lead, _, w = bd.shape  # w = 2T-1
-        strides = list(bd.stride()[:-2]) + [w - 1, 1]
-        return bd.as_strided((*lead, t, t), strides, bd.storage_offset() + t - 1)  # (..., T, T)
+        b, h, _, w = bd.shape  # w = 2T-1
+        bd = bd.contiguous()  # row i of the view starts at element i * (w - 1) + (T - 1) of its (T, w) block
+        return bd.as_strided((b, h, t, t), (h * t * w, t * w, w - 1, 1), t - 1)  # (B, H, T, T)
     i = torch.arange(t, device=bd.device)
     idx = (t - 1) - i[:, None] + i[None, :]  # (T, T)
     return bd.gather(-1, idx.expand(*bd.shape[:-1], t))  # (..., T, T)
