@@ -1,0 +1,213 @@
+"""RETURNN's ``ConformerConvSubsample`` frontend: a stack of 2-D convs (optionally max-pooled) over (time, freq).
+
+Semantics are those of ``returnn.frontend.encoder.conformer.ConformerConvSubsample`` at the latest behavior
+version: padded frames are masked before every conv (with 0) and pool (with -inf, zeroed again afterwards), and
+``padding="same"`` pads a fixed ``(k-1)//2`` on the left and the rest on the right, also for strides > 1, so each
+row's output depends only on its own frames.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import register
+from .activations import get_activation
+from .frontend import PADDING_MODES, Frontend, check_min_length
+from .masking import check_encoder_input, lengths_to_valid
+
+__all__ = ["ConformerConvSubsample"]
+
+Size2 = int | Sequence[int]
+
+
+def _pair(name: str, v: Size2) -> tuple[int, int]:
+    """An int or a (time, freq) pair of positive ints as a tuple; raise naming ``name`` otherwise."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a (time, freq) pair of ints, got {v!r}")
+    if isinstance(v, int):
+        v = (v, v)
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise TypeError(f"{name} must be an int or a (time, freq) pair of ints, got {v!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in v):
+        raise TypeError(f"{name} must be an int or a (time, freq) pair of ints, got {v!r}")
+    if min(v) < 1:
+        raise ValueError(f"{name} must be positive, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def _same_pads(k: int) -> tuple[int, int]:
+    """RETURNN's consistent 'same' padding for a window of k: (left, right) = ((k-1)//2, k-1-left)."""
+    left = (k - 1) // 2
+    return left, k - 1 - left
+
+
+def _conv_len(n, k: int, s: int, padding: str):
+    """Output length of a conv (or pool) along one axis: 'same' ceil(n/s), 'valid' ceil((n-k+1)/s)."""
+    if padding == "same":
+        return (n + s - 1) // s
+    return (n - k + s) // s
+
+
+def _fill_padded(h: torch.Tensor, n: torch.Tensor, value: float) -> torch.Tensor:
+    """Set the time frames ``t >= n[b]`` of an image (B, C, T, F) to ``value`` (a select, so inf/NaN there go)."""
+    valid = lengths_to_valid(n, h.shape[2])[:, None, :, None]  # (B, 1, T, 1)
+    return h.masked_fill(~valid, value)
+
+
+def _min_input_len(n_out: int, k: int, s: int, padding: str) -> int:
+    """The shortest input length giving at least ``n_out`` output frames."""
+    return (n_out - 1) * s + (k if padding == "valid" else 1)
+
+
+@register
+class ConformerConvSubsample(Frontend):
+    """2-D conv subsampling frontend, RETURNN's ``ConformerConvSubsample`` (``ConformerEncoder`` ``input_layer``).
+
+    ::
+
+        h = x as an image (B, 1, T, F)
+        for each conv i:  h = act(conv_i(mask0(h)));  if pool i:  h = mask0(maxpool_i(mask(-inf)(h)))
+        y = h flattened frequency-major, channel-minor: y[..., f * C + c] = h[:, c, :, f]
+
+    Args:
+        in_dim: input feature dim F (e.g. 80).
+        out_dims: channels of each conv; the last one is C.
+        filter_sizes: kernel of each conv, an int or a (time, freq) pair.
+        strides: stride of each conv, int or (time, freq) (Default: all 1).
+        pool_sizes: max-pool after conv i for i < len(pool_sizes), int or (time, freq); kernel = stride = size
+            (Default: no pooling).
+        activation: after each conv, a name (see ``ebranchformer.nn.activations``) or a callable
+            (Default: ``"relu"``).
+        padding: ``"same"`` (Default; output length ``ceil(n / s)``) or ``"valid"`` (``ceil((n - k + 1) / s)``)
+            for the convs; the pools always use "same".
+
+    Attributes: ``in_dim``, ``out_dim`` (= ``F_out * C``), ``min_length`` (the shortest input with one output
+    frame), ``downsample_factor`` (the product of the time strides and time pool sizes).
+
+    Forward: ``(x (B, T, F), lengths (B,), *, padding="masked") -> (y (B, T', out_dim), lengths' (B,))``, with each
+    row's own output length. ``padding="espnet_legacy"`` turns the masking off (RETURNN ``rf_use_mask=False``): the
+    padded frames then leak into the last valid frames of shorter rows; lengths are computed the same way.
+
+    The standard RETURNN "conv6" frontend (x6 in time, 80 -> 40 frequencies, out_dim 2560):
+
+    Example:
+        >>> sub = ConformerConvSubsample(
+        ...     80, out_dims=[32, 64, 64], filter_sizes=[(3, 3)] * 3, pool_sizes=[(1, 2)],
+        ...     strides=[(1, 1), (3, 1), (2, 1)])
+        >>> y, n = sub(torch.randn(2, 100, 80), torch.tensor([100, 61]))
+        >>> y.shape, n.tolist(), sub.out_dim
+        (torch.Size([2, 17, 2560]), [17, 11], 2560)
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        out_dims: Sequence[int],
+        filter_sizes: Sequence[Size2],
+        strides: Sequence[Size2] | None = None,
+        pool_sizes: Sequence[Size2] | None = None,
+        activation: str | Callable[[torch.Tensor], torch.Tensor] = "relu",
+        padding: str = "same",
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_dim, int) or isinstance(in_dim, bool) or in_dim <= 0:
+            raise ValueError(f"in_dim must be a positive int, got {in_dim!r}")
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        if not isinstance(out_dims, (list, tuple)) or not out_dims:
+            raise ValueError(f"out_dims must be a non-empty list of channel counts, got {out_dims!r}")
+        for c in out_dims:
+            if not isinstance(c, int) or isinstance(c, bool) or c <= 0:
+                raise ValueError(f"out_dims must hold positive ints, got {list(out_dims)!r}")
+        n = len(out_dims)
+        if strides is None:
+            strides = [1] * n
+        for name, seq in (("filter_sizes", filter_sizes), ("strides", strides)):
+            if not isinstance(seq, (list, tuple)) or len(seq) != n:
+                raise ValueError(f"{name} must be a list of the same length as out_dims ({n}), got {seq!r}")
+        pool_sizes = [] if pool_sizes is None else pool_sizes
+        if not isinstance(pool_sizes, (list, tuple)) or len(pool_sizes) > n:
+            raise ValueError(
+                f"pool_sizes must be a list of at most len(out_dims)={n} sizes, got {pool_sizes!r}"
+            )
+        self.in_dim = int(in_dim)
+        self.padding = padding
+        self.filter_sizes = [_pair(f"filter_sizes[{i}]", k) for i, k in enumerate(filter_sizes)]
+        self.strides = [_pair(f"strides[{i}]", s) for i, s in enumerate(strides)]
+        self.pool_sizes = [_pair(f"pool_sizes[{i}]", p) for i, p in enumerate(pool_sizes)]
+        self.activation = get_activation(activation)
+        self.conv_layers = nn.ModuleList()
+        c_in, f = 1, self.in_dim
+        for i, c_out in enumerate(out_dims):
+            self.conv_layers.append(nn.Conv2d(c_in, c_out, self.filter_sizes[i], stride=self.strides[i]))
+            f = _conv_len(f, self.filter_sizes[i][1], self.strides[i][1], padding)
+            if i < len(self.pool_sizes):
+                f = _conv_len(f, self.pool_sizes[i][1], self.pool_sizes[i][1], "same")
+            if f < 1:
+                raise ValueError(
+                    f"in_dim={in_dim} is too small for these filter_sizes/strides: the frequency axis vanishes "
+                    f"after conv {i}"
+                )
+            c_in = c_out
+        self.freq_out = f
+        self.out_dim = f * c_in
+        t_min = 1
+        for i in reversed(range(n)):
+            if i < len(self.pool_sizes):
+                p = self.pool_sizes[i][0]
+                t_min = _min_input_len(t_min, p, p, "same")
+            t_min = _min_input_len(t_min, self.filter_sizes[i][0], self.strides[i][0], padding)
+        self.min_length = t_min
+        self.downsample_factor = math.prod(s[0] for s in self.strides) * math.prod(
+            p[0] for p in self.pool_sizes
+        )
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Each row's output length: per conv ``ceil(n / s_t)`` ("same") or ``ceil((n - k_t + 1) / s_t)``
+        ("valid"), per pool ``ceil(n / p_t)``."""
+        n = lengths
+        for i in range(len(self.conv_layers)):
+            n = _conv_len(n, self.filter_sizes[i][0], self.strides[i][0], self.padding)
+            if i < len(self.pool_sizes):
+                n = _conv_len(n, self.pool_sizes[i][0], self.pool_sizes[i][0], "same")
+        return n
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        check_encoder_input(x, lengths, self.in_dim)
+        lengths = lengths.long()
+        check_min_length("ConformerConvSubsample", lengths, x.shape[1], self.min_length, per_row=True)
+        masked = padding == "masked"
+        h = x[:, None]  # (B, 1, T, F)
+        n = lengths
+        for i, conv in enumerate(self.conv_layers):
+            (kt, kf), st = self.filter_sizes[i], self.strides[i][0]
+            if masked:
+                h = _fill_padded(h, n, 0.0)
+            if self.padding == "same":
+                h = F.pad(h, (*_same_pads(kf), *_same_pads(kt)))  # (B, C, T + kt - 1, F + kf - 1)
+            h = self.activation(conv(h))  # (B, C_i, T_i, F_i)
+            n = _conv_len(n, kt, st, self.padding)
+            if i < len(self.pool_sizes):
+                pt, pf = self.pool_sizes[i]
+                if masked:
+                    h = _fill_padded(h, n, float("-inf"))
+                h = F.pad(
+                    h, (*_same_pads(pf), *_same_pads(pt)), value=float("-inf")
+                )  # (B, C, T+pt-1, F+pf-1)
+                h = F.max_pool2d(h, (pt, pf), stride=(pt, pf))  # (B, C_i, ceil(T_i/pt), ceil(F_i/pf))
+                n = _conv_len(n, pt, pt, "same")
+                if masked:
+                    h = _fill_padded(h, n, 0.0)  # also clears the all -inf windows past the end
+        b, c, t, f = h.shape
+        y = h.permute(0, 2, 3, 1).reshape(b, t, f * c)  # (B, T', F', C) -> (B, T', F' * C)
+        return y, n
