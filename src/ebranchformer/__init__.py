@@ -9,6 +9,7 @@ Example (the seed's usage pattern):
 
 from .config import build_dict
 from .nn import (
+    ConformerConvSubsample,
     ConformerEncoder,
     ConformerLayer,
     Conv2dSubsampling,
@@ -26,6 +27,7 @@ from .nn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConformerConvSubsample",
     "ConformerEncoder",
     "ConformerLayer",
     "Conv2dSubsampling",

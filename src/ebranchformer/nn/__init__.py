@@ -4,6 +4,7 @@ from ..config import build_dict
 from .attention import RelPosSelfAttention, SelfAttention
 from .cgmlp import FeedForwardConvGated
 from .conformer_layer import ConformerLayer, ConformerLayerConfig
+from .conv_subsample import ConformerConvSubsample
 from .dropout import Dropout
 from .ebranchformer_layer import EBranchformerLayer, EBranchformerLayerConfig
 from .encoder import ConformerEncoder, EncoderConfig
@@ -13,6 +14,7 @@ from .norm import LayerNorm
 from .subsampling import Conv2dSubsampling, LinearInput
 
 __all__ = [
+    "ConformerConvSubsample",
     "ConformerEncoder",
     "ConformerLayer",
     "ConformerLayerConfig",

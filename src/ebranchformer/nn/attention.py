@@ -16,6 +16,8 @@ from .posenc import legacy_rel_pos_table, rel_pos_table
 
 __all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legacy"]
 
+_HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
+
 
 def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """(B, H, T, 2T-1) -> (B, H, T, T) with ``out[..., i, j] = bd[..., i, T-1-i+j]`` (distance i - j).
@@ -79,7 +81,7 @@ class _MultiHeadBase(nn.Module):
             if bias is not None:
                 s = s + bias
             s = (s / math.sqrt(dk)).masked_fill(~keep, float("-inf"))
-            att = torch.softmax(s.float(), dim=-1).to(q.dtype)
+            att = torch.softmax(s, dim=-1, dtype=torch.float32 if s.dtype in _HALF else None).to(q.dtype)
             o = torch.matmul(self.dropout(att), v)  # (B, H, T, dk)
         o = o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
         return self.out_proj(o)

@@ -34,13 +34,12 @@ class MaskedBatchNorm(nn.BatchNorm1d):
         if not self.training or valid is None:
             return super().forward(x.transpose(1, 2)).transpose(1, 2)
         frames = x[valid]  # (N, D), the valid frames only
-        n = frames.shape[0]
         mean = frames.mean(0)  # (D,)
         var = frames.var(0, unbiased=False)  # (D,)
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean)
-            self.running_var.mul_(1 - m).add_(m * var * n / max(n - 1, 1))
+            self.running_var.mul_(1 - m).add_(m * var)  # biased, as RETURNN's rf.BatchNorm
             self.num_batches_tracked.add_(1)
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias
