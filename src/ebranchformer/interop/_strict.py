@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["load_strict"]
+__all__ = ["load_strict", "raise_key_problems"]
 
 
 def load_strict(
@@ -33,6 +33,12 @@ def load_strict(
         if tuple(t.shape) != tuple(target[k].shape):
             shaped.append(f"{source_name(k, module)}: expected {tuple(target[k].shape)}, got {tuple(t.shape)}")
         tensors[k] = t
+    raise_key_problems(f"{source} checkpoint does not fit this encoder", unknown, missing, shaped)
+    module.load_state_dict(tensors, strict=True)
+
+
+def raise_key_problems(what: str, unknown: list[str], missing: list[str], shaped: list[str]) -> None:
+    """Raise one ValueError listing every unknown, missing and mis-shaped key (nothing if all lists are empty)."""
     problems = []
     if unknown:
         problems.append(f"unknown keys {unknown}")
@@ -41,5 +47,4 @@ def load_strict(
     if shaped:
         problems.append(f"mis-shaped keys [{'; '.join(shaped)}]")
     if problems:
-        raise ValueError(f"{source} checkpoint does not fit this encoder: " + "; ".join(problems))
-    module.load_state_dict(tensors, strict=True)
+        raise ValueError(f"{what}: " + "; ".join(problems))

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..config import build_dict, resolve_class
+from ._strict import raise_key_problems
 from ..nn.attention import RelPosSelfAttention, SelfAttention
 from ..nn.cgmlp import FeedForwardConvGated
 from ..nn.conformer_layer import ConformerLayer, MaskedBatchNorm
@@ -331,17 +332,7 @@ def load_returnn_encoder(
         for k in sorted(set(state) & set(expected))
         if tuple(state[k].shape) != expected[k][1]
     ]
-    if unknown or missing or bad_shape:
-        parts = []
-        if unknown:
-            parts.append(f"unknown keys {unknown}")
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if bad_shape:
-            parts.append(f"mis-shaped keys [{'; '.join(bad_shape)}]")
-        raise ValueError(
-            f"params do not fit this RETURNN ConformerEncoder ({prefix=!r}): " + "; ".join(parts)
-        )
+    raise_key_problems(f"params do not fit this RETURNN ConformerEncoder ({prefix=!r})", unknown, missing, bad_shape)
     non_float = [k for k, v in state.items() if not v.is_floating_point()]
     if non_float:
         raise TypeError(f"params must be floating point, got integer/bool tensors for {non_float}")

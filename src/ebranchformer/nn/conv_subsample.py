@@ -17,8 +17,8 @@ from torch import nn
 
 from ..config import register
 from .activations import get_activation
-from .frontend import PADDING_MODES, Frontend, check_min_length
-from .masking import check_encoder_input, lengths_to_valid
+from .frontend import Frontend
+from .masking import lengths_to_valid
 
 __all__ = ["ConformerConvSubsample"]
 
@@ -181,11 +181,8 @@ class ConformerConvSubsample(Frontend):
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-        check_encoder_input(x, lengths, self.in_dim)
+        self._check_forward(x, lengths, padding, per_row=True)
         lengths = lengths.long()
-        check_min_length("ConformerConvSubsample", lengths, x.shape[1], self.min_length, per_row=True)
         masked = padding == "masked"
         h = x[:, None]  # (B, 1, T, F)
         n = lengths

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .masking import check_encoder_input
+
 __all__ = ["Frontend", "check_min_length"]
 
 PADDING_MODES = ("masked", "espnet_legacy")
@@ -24,6 +26,13 @@ class Frontend(nn.Module):
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _check_forward(self, x: torch.Tensor, lengths: torch.Tensor, padding: str, per_row: bool) -> None:
+        """Validate a forward call: the padding mode, (x, lengths), and that the input is long enough."""
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        check_encoder_input(x, lengths, self.in_dim)
+        check_min_length(type(self).__name__, lengths, x.shape[1], self.min_length, per_row=per_row)
 
 
 def check_min_length(name: str, lengths: torch.Tensor, padded_len: int, min_length: int, per_row: bool) -> None:

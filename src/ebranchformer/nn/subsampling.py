@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import register
-from .frontend import PADDING_MODES, Frontend, check_min_length
+from .frontend import Frontend
 from .masking import lengths_to_valid
 from .norm import LayerNorm
 
@@ -93,10 +93,8 @@ class Conv2dSubsampling(Frontend):
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         masked = padding == "masked"
-        check_min_length(self.kind, lengths, x.shape[1], self.min_length, per_row=masked)
+        self._check_forward(x, lengths, padding, per_row=masked)
         h = x[:, None]  # (B, 1, T, F)
         n = lengths
         for (k, s), conv in zip(_CONVS[self.kind], self.convs):
