@@ -11,7 +11,7 @@ from .encoder import ConformerEncoder, EncoderConfig
 from .feedforward import FeedForward
 from .merge import Merge
 from .norm import LayerNorm
-from .subsampling import Conv2dSubsampling, LinearInput
+from .subsampling import Conv2dSubsampling, FrameStacking, LinearInput
 
 __all__ = [
     "ConformerConvSubsample",
@@ -25,6 +25,7 @@ __all__ = [
     "EncoderConfig",
     "FeedForward",
     "FeedForwardConvGated",
+    "FrameStacking",
     "LayerNorm",
     "LinearInput",
     "Merge",

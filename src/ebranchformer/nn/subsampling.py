@@ -11,7 +11,7 @@ from .frontend import Frontend
 from .masking import lengths_to_valid
 from .norm import LayerNorm
 
-__all__ = ["Conv2dSubsampling", "LinearInput"]
+__all__ = ["Conv2dSubsampling", "FrameStacking", "LinearInput"]
 
 # kind -> [(time/freq kernel, stride), ...]; every conv is "valid" (no padding) and followed by ReLU.
 _CONVS = {
@@ -130,3 +130,49 @@ class LinearInput(Frontend):
         self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dropout(self.norm(self.linear(x))), lengths
+
+
+@register
+class FrameStacking(Frontend):
+    """Stack ``factor`` consecutive frames and project: (B, T, F) -> (B, ceil(T/k), k*F) -> Linear -> (B, T', D).
+
+    The cheapest subsampling: one matmul, no convolution. The last stack of a row is completed with zeros, and in
+    ``"masked"`` mode padded frames are zeroed first, so each row's output depends on its own frames only.
+
+    Args:
+        in_dim: feature dim F.
+        out_dim: model dim D.
+        factor: frames per stack k (Default: ``4``).
+
+    Forward: ``(x (B, T, F), lengths (B,), *, padding="masked") -> (y (B, ceil(T/k), D), ceil(lengths/k))``.
+
+    Example:
+        >>> fs = FrameStacking(80, 144, factor=4)
+        >>> y, n = fs(torch.randn(2, 101, 80), torch.tensor([101, 50]))
+        >>> y.shape, n.tolist()
+        (torch.Size([2, 26, 144]), [26, 13])
+    """
+
+    takes_model_dim = True
+
+    def __init__(self, in_dim: int, out_dim: int, factor: int = 4) -> None:
+        super().__init__()
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        self.in_dim, self.out_dim, self.factor = int(in_dim), int(out_dim), factor
+        self.linear = nn.Linear(self.in_dim * factor, self.out_dim)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return (lengths + self.factor - 1) // self.factor
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, *, padding: str = "masked"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_forward(x, lengths, padding, per_row=True)
+        if padding == "masked":
+            x = x * lengths_to_valid(lengths, x.shape[1])[:, :, None].to(x.dtype)
+        b, t, f = x.shape
+        k = self.factor
+        x = F.pad(x, (0, 0, 0, (-t) % k))  # (B, k*ceil(T/k), F)
+        y = self.linear(x.reshape(b, -1, k * f))  # (B, T', k*F) -> (B, T', D)
+        return y, self.output_lengths(lengths)
