@@ -18,7 +18,14 @@ from ebranchformer.asr.global_mvn import compute_stats
 from ebranchformer.asr.model_config import ModelConfig, default_encoder
 from ebranchformer.asr.tokenizer import CharTokenizer
 from ebranchformer.nn.encoder import EncoderConfig
-from tests.asr.ctc_corpus import SAMPLE_RATE, tiny_model_config, tone_wave
+from tests.asr.ctc_corpus import SAMPLE_RATE, single_thread, tiny_model_config, tone_wave
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
 
 V = 7
 

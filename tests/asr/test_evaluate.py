@@ -13,7 +13,13 @@ from ebranchformer.asr.data import collate_audio
 from ebranchformer.asr.evaluate import error_rates, evaluate
 from ebranchformer.asr.model_config import ModelConfig
 from ebranchformer.asr.tokenizer import CharTokenizer
-from tests.asr.ctc_corpus import tiny_model_config, tone_wave
+from tests.asr.ctc_corpus import single_thread, tiny_model_config, tone_wave
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def test_error_rates_are_corpus_level():

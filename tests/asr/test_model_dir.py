@@ -17,7 +17,14 @@ from ebranchformer.asr.global_mvn import compute_stats
 from ebranchformer.asr.model_config import ModelConfig
 from ebranchformer.asr.model_dir import ModelDirError, load_model, read_config, save_model
 from ebranchformer.asr.tokenizer import CharTokenizer, SentencePieceTokenizer
-from tests.asr.ctc_corpus import tiny_model_config
+from tests.asr.ctc_corpus import single_thread, tiny_model_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
 
 TEXTS = ["abc abd", "dcba", "bad cab", "aab ddc"]
 
