@@ -25,6 +25,8 @@ from .nn import (
     SelfAttention,
 )
 
+from .asr.model_dir import load_model as load
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,4 +45,5 @@ __all__ = [
     "RelPosSelfAttention",
     "SelfAttention",
     "build_dict",
+    "load",
 ]
