@@ -25,5 +25,7 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("EBF_REQUIRE_PARITY") == "1" and _skipped_parity:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
-            tr.write_line(f"ERROR: {len(_skipped_parity)} parity test(s) were skipped: {_skipped_parity[:10]}", red=True)
+            tr.write_line(
+                f"ERROR: {len(_skipped_parity)} parity test(s) were skipped: {_skipped_parity[:10]}", red=True
+            )
         session.exitstatus = 1

@@ -7,6 +7,7 @@ Example (the seed's usage pattern):
     ...                              cgmlp_conv_kernel=31, merge_conv_kernel=31))
 """
 
+from .asr.model_dir import load_model as load
 from .config import build_dict
 from .nn import (
     ConformerConvSubsample,
@@ -24,8 +25,6 @@ from .nn import (
     RelPosSelfAttention,
     SelfAttention,
 )
-
-from .asr.model_dir import load_model as load
 
 __version__ = "0.1.0"
 

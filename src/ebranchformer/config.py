@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import yaml
 
@@ -39,9 +40,7 @@ def resolve_class(cls_or_name: type | str) -> type:
         try:
             return _REGISTRY[cls_or_name]
         except KeyError:
-            raise ValueError(
-                f"unknown module class {cls_or_name!r}; known: {sorted(_REGISTRY)}"
-            ) from None
+            raise ValueError(f"unknown module class {cls_or_name!r}; known: {sorted(_REGISTRY)}") from None
     raise TypeError(f"expected a class or a registered class name, got {type(cls_or_name).__name__}")
 
 

@@ -59,9 +59,11 @@ def test_espnet_legacy_mode_depends_on_batch_mates():
     enc = enc.double().eval()
     x = torch.randn(2, 100, 16, dtype=torch.float64)
     n = torch.tensor([100, 90])
-    legacy = small_encoder(
-        build_dict(Conv2dSubsampling, kind="conv2d"), in_dim=16, out_dim=24, padding="espnet_legacy"
-    ).double().eval()
+    legacy = (
+        small_encoder(build_dict(Conv2dSubsampling, kind="conv2d"), in_dim=16, out_dim=24, padding="espnet_legacy")
+        .double()
+        .eval()
+    )
     legacy.load_state_dict(enc.state_dict())
     with torch.no_grad():
         _, yl_masked = enc(x, n)

@@ -13,7 +13,10 @@ from .conftest import perturb_
 
 
 @settings(max_examples=30, deadline=None)
-@given(kind=st.sampled_from(["conv2d", "conv2d2", "conv2d6", "conv2d8"]), lengths=st.lists(st.integers(15, 80), min_size=1, max_size=4))
+@given(
+    kind=st.sampled_from(["conv2d", "conv2d2", "conv2d6", "conv2d8"]),
+    lengths=st.lists(st.integers(15, 80), min_size=1, max_size=4),
+)
 def test_conv2d_lengths_equal_the_actual_conv_output(kind, lengths):
     sub = Conv2dSubsampling(20, 8, kind=kind).eval()
     n = torch.tensor(lengths)
@@ -55,7 +58,9 @@ def test_frame_stacking_is_batch_invariant_and_equals_reshape(factor, lengths, e
     fs = perturb_(FrameStacking(5, 7, factor=factor)).double()
     n = torch.tensor(lengths)
     t = max(lengths) + extra
-    x = torch.randn(len(lengths), t, 5, dtype=torch.float64) + 100 * (torch.arange(t)[None, :, None] >= n[:, None, None])
+    x = torch.randn(len(lengths), t, 5, dtype=torch.float64) + 100 * (
+        torch.arange(t)[None, :, None] >= n[:, None, None]
+    )
     y, yl = fs(x, n)
     for b, length in enumerate(lengths):
         stacked = torch.cat([x[b, :length], x.new_zeros((-length) % factor, 5)]).reshape(-1, factor * 5)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -221,7 +222,7 @@ def _to_espnet_name(name: str, enc: ConformerEncoder) -> str:
     if m:
         for ours, theirs in _LAYER_NAMES:
             if m[2] == ours or m[2].startswith(ours + "."):
-                return f"encoders.{m[1]}.{theirs}{m[2][len(ours):]}"
+                return f"encoders.{m[1]}.{theirs}{m[2][len(ours) :]}"
     if name.startswith("conditioning_layer."):
         return name
     return name  # not an ESPnet parameter; strict loading reports it

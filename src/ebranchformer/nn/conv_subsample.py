@@ -133,9 +133,7 @@ class ConformerConvSubsample(Frontend):
                 raise ValueError(f"{name} must be a list of the same length as out_dims ({n}), got {seq!r}")
         pool_sizes = [] if pool_sizes is None else pool_sizes
         if not isinstance(pool_sizes, (list, tuple)) or len(pool_sizes) > n:
-            raise ValueError(
-                f"pool_sizes must be a list of at most len(out_dims)={n} sizes, got {pool_sizes!r}"
-            )
+            raise ValueError(f"pool_sizes must be a list of at most len(out_dims)={n} sizes, got {pool_sizes!r}")
         self.in_dim = int(in_dim)
         self.padding = padding
         self.filter_sizes = [_pair(f"filter_sizes[{i}]", k) for i, k in enumerate(filter_sizes)]
@@ -164,9 +162,7 @@ class ConformerConvSubsample(Frontend):
                 t_min = _min_input_len(t_min, p, p, "same")
             t_min = _min_input_len(t_min, self.filter_sizes[i][0], self.strides[i][0], padding)
         self.min_length = t_min
-        self.downsample_factor = math.prod(s[0] for s in self.strides) * math.prod(
-            p[0] for p in self.pool_sizes
-        )
+        self.downsample_factor = math.prod(s[0] for s in self.strides) * math.prod(p[0] for p in self.pool_sizes)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Each row's output length: per conv ``ceil(n / s_t)`` ("same") or ``ceil((n - k_t + 1) / s_t)``
@@ -198,9 +194,7 @@ class ConformerConvSubsample(Frontend):
                 pt, pf = self.pool_sizes[i]
                 if masked:
                     h = _fill_padded(h, n, float("-inf"))
-                h = F.pad(
-                    h, (*_same_pads(pf), *_same_pads(pt)), value=float("-inf")
-                )  # (B, C, T+pt-1, F+pf-1)
+                h = F.pad(h, (*_same_pads(pf), *_same_pads(pt)), value=float("-inf"))  # (B, C, T+pt-1, F+pf-1)
                 h = F.max_pool2d(h, (pt, pf), stride=(pt, pf))  # (B, C_i, ceil(T_i/pt), ceil(F_i/pf))
                 n = _conv_len(n, pt, pt, "same")
                 if masked:

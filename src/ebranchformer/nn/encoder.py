@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,7 +126,7 @@ class ConformerEncoder(nn.Module):
         init_parameters(self, cfg.init)
 
     @classmethod
-    def from_config(cls, config: EncoderConfig | dict) -> "ConformerEncoder":
+    def from_config(cls, config: EncoderConfig | dict) -> ConformerEncoder:
         if isinstance(config, dict):
             config = EncoderConfig.from_dict(config)
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
@@ -157,7 +158,7 @@ class ConformerEncoder(nn.Module):
             defaults["dropout_broadcast"] = True
         return build_module(spec, ConformerLayer, **defaults)
 
-    def set_fast_path(self, enabled: bool) -> "ConformerEncoder":
+    def set_fast_path(self, enabled: bool) -> ConformerEncoder:
         """Switch every fused/fast computation (attention via SDPA, strided rel-shift, split merge) on or off."""
         for m in self.modules():
             if hasattr(m, "fast"):
