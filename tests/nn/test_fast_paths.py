@@ -133,3 +133,19 @@ def test_torch_export_with_dynamic_batch_and_time(conv_encoder):
             y_ref, yl_ref = enc(x, n)
             assert torch.equal(yl, yl_ref)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k, left, right", [(1, 0, 0), (5, 2, 2), (4, 1, 2), (31, 15, 15)])
+def test_channels_last_depthwise_conv_equals_conv1d(k, left, right):
+    from ebranchformer.nn.dwconv import depthwise_conv_time
+
+    x = torch.randn(2, 19, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64)
+    fast = depthwise_conv_time(x, w, b, left, right, fast=True)
+    plain = depthwise_conv_time(x, w, b, left, right, fast=False)
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
+    gf = torch.autograd.grad(fast.pow(2).sum(), (x, w))
+    gp = torch.autograd.grad(plain.pow(2).sum(), (x, w))
+    for a, c in zip(gf, gp):
+        torch.testing.assert_close(a, c, atol=1e-10, rtol=0)

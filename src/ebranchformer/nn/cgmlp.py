@@ -11,6 +11,7 @@ from torch import nn
 from ..config import build_module, register
 from .activations import get_activation
 from .dropout import Dropout
+from .dwconv import depthwise_conv_time
 from .masking import mask_padded
 from .norm import LayerNorm
 
@@ -84,17 +85,19 @@ class FeedForwardConvGated(nn.Module):
         self.linear_ff = nn.Linear(out_dim, 2 * c, bias=with_bias)
         self.activation = get_activation(activation)
         self.norm = _build_norm(norm, c, norm_eps)
-        self.conv = nn.Conv1d(c, c, k, padding=(k - 1) // 2, groups=c, bias=with_bias)
+        self.conv = nn.Conv1d(c, c, k, groups=c, bias=with_bias)  # applied 'same' by depthwise_conv_time
         self.linear_after_conv = nn.Linear(c, c, bias=with_bias) if use_linear_after_conv else None
         self.gate_activation = get_activation(gate_activation)
         self.dropout = Dropout(dropout, dropout_broadcast)
         self.linear_out = nn.Linear(c, out_dim, bias=with_bias)
+        self.fast = True  # channels-last conv2d for the depthwise conv (see depthwise_conv_time)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         h = self.activation(self.linear_ff(x))  # (B, T, 2C)
         r, g = h.split(self.gate_dim, dim=-1)  # (B, T, C) each
         g = mask_padded(self.norm(g), valid)
-        g = self.conv(g.transpose(1, 2)).transpose(1, 2)  # (B, C, T) -> (B, T, C)
+        pad = (self.conv.kernel_size[0] - 1) // 2
+        g = depthwise_conv_time(g, self.conv.weight, self.conv.bias, pad, pad, self.fast)  # (B, T, C)
         if self.linear_after_conv is not None:
             g = self.linear_after_conv(g)
         g = self.gate_activation(g)

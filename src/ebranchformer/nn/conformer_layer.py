@@ -13,6 +13,7 @@ from ..config import ConfigBase, build_module, register
 from .activations import activation_name
 from .attention import RelPosSelfAttention
 from .dropout import Dropout
+from .dwconv import depthwise_conv_time
 from .feedforward import FeedForward
 from .masking import mask_padded
 from .norm import LayerNorm
@@ -68,13 +69,14 @@ class ConformerConvModule(nn.Module):
         else:
             raise ValueError(f"conv_norm must be 'batch' or 'layer', got {norm!r}")
         self.positionwise_conv2 = nn.Linear(dim, dim)
+        self.fast = True  # channels-last depthwise conv
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         a, b = self.positionwise_conv1(x).chunk(2, dim=-1)  # (B, T, D) each
         h = mask_padded(a * torch.sigmoid(b), valid)
         left = (self.kernel_size - 1) // 2
-        h = F.pad(h.transpose(1, 2), (left, self.kernel_size - 1 - left))  # (B, D, T + k - 1)
-        h = self.depthwise_conv(h).transpose(1, 2)  # (B, T, D)
+        w, b = self.depthwise_conv.weight, self.depthwise_conv.bias
+        h = depthwise_conv_time(h, w, b, left, self.kernel_size - 1 - left, self.fast)  # (B, T, D)
         h = self.norm(h, valid) if isinstance(self.norm, MaskedBatchNorm) else self.norm(h)
         return self.positionwise_conv2(F.silu(h))
 

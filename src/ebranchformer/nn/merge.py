@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import register
 from .cgmlp import check_odd_kernel
+from .dwconv import depthwise_conv_time
 from .masking import mask_padded
 
 __all__ = ["Merge"]
@@ -40,25 +41,21 @@ class Merge(nn.Module):
         k = check_odd_kernel("merge_conv_kernel", merge_conv_kernel)
         self.in_dim1, self.in_dim2 = int(in_dim1), int(in_dim2)
         cat = self.in_dim1 + self.in_dim2
-        self.depthwise_conv_fusion = nn.Conv1d(cat, cat, k, padding=(k - 1) // 2, groups=cat)
+        self.depthwise_conv_fusion = nn.Conv1d(cat, cat, k, groups=cat)  # applied 'same' (odd k)
         self.merge_proj = nn.Linear(cat, out_dim)
         self.fast = True
 
     def forward(self, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if self.fast:
-            return self._forward_split(a, g, valid)
-        z = torch.cat([a, g], dim=-1)  # (B, T, 2D)
-        zc = self.depthwise_conv_fusion(mask_padded(z, valid).transpose(1, 2)).transpose(1, 2)  # (B, T, 2D)
-        return self.merge_proj(z + zc)
-
-    def _forward_split(self, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        d1 = self.in_dim1
         w, b = self.depthwise_conv_fusion.weight, self.depthwise_conv_fusion.bias
-        pad = self.depthwise_conv_fusion.padding
-        ac = nn.functional.conv1d(mask_padded(a, valid).transpose(1, 2), w[:d1], b[:d1], padding=pad, groups=d1)
-        gc = nn.functional.conv1d(
-            mask_padded(g, valid).transpose(1, 2), w[d1:], b[d1:], padding=pad, groups=self.in_dim2
-        )
-        pw = self.merge_proj.weight  # (D, 2D)
-        y = nn.functional.linear(a + ac.transpose(1, 2), pw[:, :d1], self.merge_proj.bias)  # (B, T, D)
-        return y + nn.functional.linear(g + gc.transpose(1, 2), pw[:, d1:])
+        pad = (w.shape[-1] - 1) // 2
+        if not self.fast:
+            z = torch.cat([a, g], dim=-1)  # (B, T, 2D)
+            zc = depthwise_conv_time(mask_padded(z, valid), w, b, pad, pad, fast=False)  # (B, T, 2D)
+            return self.merge_proj(z + zc)
+        # The conv is per channel, so each branch convolves on its own and merge_proj splits into two halves.
+        d1 = self.in_dim1
+        ac = depthwise_conv_time(mask_padded(a, valid), w[:d1], b[:d1], pad, pad)  # (B, T, D1)
+        gc = depthwise_conv_time(mask_padded(g, valid), w[d1:], b[d1:], pad, pad)  # (B, T, D2)
+        pw = self.merge_proj.weight  # (D, D1 + D2)
+        y = nn.functional.linear(a + ac, pw[:, :d1], self.merge_proj.bias)  # (B, T, D)
+        return y + nn.functional.linear(g + gc, pw[:, d1:])

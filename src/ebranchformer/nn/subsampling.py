@@ -76,6 +76,7 @@ class Conv2dSubsampling(Frontend):
             raise ValueError(f"in_dim={in_dim} is too small for input_layer {kind!r} (frequency axis vanishes)")
         self.min_length = t_min
         self.out = nn.Linear(self.out_dim * f, self.out_dim)
+        self.fast = True  # channels-last convs when no gradients are needed (faster there, slower in training)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         for k, s in _CONVS[self.kind]:
@@ -96,6 +97,8 @@ class Conv2dSubsampling(Frontend):
         masked = padding == "masked"
         self._check_forward(x, lengths, padding, per_row=masked)
         h = x[:, None]  # (B, 1, T, F)
+        if self.fast and not torch.is_grad_enabled():
+            h = h.contiguous(memory_format=torch.channels_last)
         n = lengths
         for (k, s), conv in zip(_CONVS[self.kind], self.convs):
             if masked:
