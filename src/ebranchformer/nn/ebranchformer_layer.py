@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -103,8 +104,8 @@ class EBranchformerLayer(nn.Module):
             self.ffn1_layer_norm = self._norm()
         if cfg.use_ffn:
             self.ffn2 = build_module(cfg.ff, FeedForward, **ff_opts)
-            if isinstance(cfg.ff, nn.Module):  # a given module is a template: each FFN gets its own copy
-                self.ffn2 = _copy(cfg.ff)
+            if cfg.macaron_ffn and self.ffn2 is self.ffn1:  # a given module is a template: each FFN gets a copy
+                self.ffn2 = copy.deepcopy(self.ffn1)
             self.ffn2_layer_norm = self._norm()
         self.self_att = build_module(
             cfg.self_att, RelPosSelfAttention, dim=d, num_heads=cfg.num_heads, att_dropout=cfg.att_dropout
@@ -135,9 +136,3 @@ class EBranchformerLayer(nn.Module):
         if self.config.use_ffn:
             x = x + self.ff_scale * self.dropout(self.ffn2(self.ffn2_layer_norm(x)))
         return self.final_layer_norm(x)
-
-
-def _copy(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m)
