@@ -20,7 +20,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -192,9 +191,9 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def _check_audio_file(path: str) -> None:
-    from ebranchformer.asr.audio import AudioError
-
     import soundfile as sf
+
+    from ebranchformer.asr.audio import AudioError
 
     if not os.path.isfile(path):
         raise AudioError(f"audio file not found: {path!r}")

@@ -16,13 +16,13 @@ from ebranchformer.asr.train_config import TrainConfig  # noqa: E402
 from ebranchformer.cli import main  # noqa: E402
 
 TINY_CORPUS = {"n_valid": 3, "n_test_seen": 3, "n_test_heldout": 4}
-TINY_RECIPE = ["model.encoder.num_layers=1", "data.max_frames=1500"]
+TINY_RECIPE = ["model.encoder.num_layers=2", "model.encoder.interctc_layers=[1]", "data.max_frames=1500"]
 
 
-def _run(out, seed=0, procs=1):
+def _run(out, seed=0, procs=1, minutes=None):
     lines: list[str] = []
     summary = run_demo(seed=seed, out_dir=out, steps=3, procs=procs, threads=1, n_train=12, corpus=TINY_CORPUS,
-                       overrides=TINY_RECIPE, examples=2, log=lines.append)
+                       overrides=TINY_RECIPE, examples=2, minutes=minutes, log=lines.append)
     return summary, lines
 
 
@@ -82,6 +82,13 @@ def test_demo_trains_with_two_cpu_processes(two_runs, tmp_path):
     summary, lines = _run(out, procs=2)
     assert summary["steps"] == 3 and "2 processes" in summary["device"]
     assert (out / "model" / "model.safetensors").is_file() and (out / "learning_curves.png").is_file()
+    assert re.fullmatch(r"held-out WER: \d+\.\d%", lines[-1])
+
+
+def test_demo_wall_clock_budget_stops_training(two_runs, tmp_path):
+    out = tmp_path / "budget"
+    summary, lines = _run(out, minutes=1e-6)  # spent before the first step
+    assert summary["steps"] == 0 and (out / "model" / "config.json").is_file()
     assert re.fullmatch(r"held-out WER: \d+\.\d%", lines[-1])
 
 

@@ -5,12 +5,12 @@ Steps, all under ``out_dir``:
 
 1. ``corpus/``: :func:`~ebranchformer.asr.synth.synthesize_corpus` with :func:`demo_corpus_config` (the
    built-in 231-word vocabulary, sentences of 3-8 words, 10 training voices and 3 held-out ones, 130-220
-   words per minute, pitch and intonation drawn per utterance, white/pink noise at 10-30 dB SNR, 16 kHz).
-   A complete corpus of the same config and seed is reused.
+   words per minute, pitch and intonation drawn per utterance, white/pink noise at 10-30 dB SNR, 16 kHz;
+   8000 training utterances, 4.6 h). A complete corpus of the same config and seed is reused.
 2. ``train.yaml``: the recipe (:func:`demo_train_config`, a :class:`~ebranchformer.asr.train_config.TrainConfig`),
-   then training with :class:`~ebranchformer.asr.train.Trainer` on the CPU (2 threads) or the GPU when there
-   is one: ``checkpoints/``, ``metrics.jsonl``, ``learning_curves.png`` and the model directory ``model/``
-   (the average of the last checkpoints).
+   then training with :class:`~ebranchformer.asr.train.Trainer` on the CPU (2 threads; or ``procs``
+   DistributedDataParallel processes) or on the GPU when there is one: ``checkpoints/``, ``metrics.jsonl``,
+   ``learning_curves.png`` and the model directory ``model/`` (the average of the 2 best checkpoints).
 3. Evaluation of ``model/`` on ``test_heldout`` (new sentences, held-out voices) and ``test_seen`` (new
    sentences, training voices) with greedy decoding, and with the closed-vocabulary lexicon search
    (:mod:`ebranchformer.asr.lexicon`, word list ``lexicon.txt``); a few reference/hypothesis pairs are
@@ -20,9 +20,10 @@ The last line printed is ``held-out WER: X.X%``: the held-out WER of the demo's 
 default ``"lexicon"``; ``"greedy"`` reports plain CTC greedy decoding).
 
 Training runs a fixed number of optimizer steps (:data:`DEFAULT_STEPS`), sized so that the whole demo fits
-its time budget on a 2-core CPU; with the same seed (and device) the run is deterministic: seeded corpus,
-data order and initialization, deterministic kernels, 2 CPU threads. ``minutes`` additionally stops training
-at a wall-clock budget (then the result depends on the machine's speed).
+its time budget on a 2-core CPU (docs/demo_tuning.md); with the same seed (and device, threads and processes)
+the run is deterministic: seeded corpus, data order and initialization, deterministic kernels, 2 CPU threads.
+``minutes`` additionally stops training at a wall-clock budget (then the result depends on the machine's
+speed; the summary records the steps done).
 
 Example:
     >>> summary = run_demo(seed=0, out_dir="runs/demo")  # doctest: +SKIP
@@ -32,13 +33,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -53,10 +52,10 @@ __all__ = [
     "run_demo",
 ]
 
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 1300
 """Optimizer steps of the default demo (see docs/demo_tuning.md for how it was sized)."""
 
-DEFAULT_N_TRAIN = 3000
+DEFAULT_N_TRAIN = 8000
 """Training utterances the default demo synthesizes."""
 
 DECODERS = ("lexicon", "greedy")
@@ -82,10 +81,12 @@ def demo_train_config(out_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
                       steps: int = DEFAULT_STEPS, device: str = "auto") -> dict[str, Any]:
     """The demo's training recipe as a :class:`~ebranchformer.asr.train_config.TrainConfig` dict.
 
-    A 6-layer E-Branchformer (D=144, 4 heads, FFN 576, cgMLP gate 288, kernels 31) on 80 log-mel features,
-    4-frame stacking (25 encoder frames per second), characters, light SpecAugment, AdamW with linear warm-up
-    and cosine decay over ``steps`` steps, batches of 4000 padded feature frames; validation every ``steps/5``
-    steps and the last 2 checkpoints averaged.
+    A 6-layer E-Branchformer (D=144, 4 heads, FFN 576, cgMLP gate 288 with kernel 7, merge kernel 3; 3.6 M
+    parameters) on 80 log-mel features (ESPnet preset, global MVN), 4-frame stacking (25 encoder frames per
+    second), character CTC with interCTC after layer 3 (weight 0.3), no dropout and no SpecAugment (the model
+    underfits in this budget), AdamW (lr 2e-3, weight decay 0.01) with 10 % linear warm-up and cosine decay over
+    ``steps`` steps, batches of 4000 padded feature frames (about 18 utterances); validation every ``steps/5``
+    steps and the 2 best checkpoints (by validation loss) averaged. docs/demo_tuning.md has the experiments.
     """
     d = 144
     corpus = Path(corpus_dir)
@@ -102,10 +103,12 @@ def demo_train_config(out_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
                 "out_dim": d, "num_layers": 6, "num_heads": 4,
                 "input_layer": {"class": "FrameStacking", "factor": 4},
                 "encoder_layer": {"class": "EBranchformerLayer", "ff_dim": 4 * d, "cgmlp_ff_dim": 2 * d,
-                                  "cgmlp_conv_kernel": 15, "merge_conv_kernel": 3, "norm_eps": 1e-12},
+                                  "cgmlp_conv_kernel": 7, "merge_conv_kernel": 3, "norm_eps": 1e-12},
                 "input_embedding_scale": math.sqrt(d), "final_norm": True,
                 "dropout": 0.0, "att_dropout": 0.0, "input_dropout": 0.0,
+                "interctc_layers": [3],
             },
+            "interctc_weight": 0.3,
         },
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 1e-2, "scheduler": "warmup_cosine",
                   "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.02, "total_steps": steps,
@@ -295,11 +298,11 @@ def run_demo(
     _check_args(seed, steps, minutes, device, procs, threads, n_train, decoder)
     import torch
 
+    from ebranchformer.asr.evaluate import error_rates
     from ebranchformer.asr.lexicon import Lexicon
+    from ebranchformer.asr.manifest import read_jsonl_manifest
     from ebranchformer.asr.model_dir import load_model
     from ebranchformer.asr.recognize import decode_log_probs, log_probs_batched, read_audio_files
-    from ebranchformer.asr.evaluate import error_rates
-    from ebranchformer.asr.manifest import read_jsonl_manifest
     from ebranchformer.asr.synth import synthesize_corpus
     from ebranchformer.asr.synth_text import VOCABULARY
     from ebranchformer.asr.train_config import load_train_config
@@ -320,6 +323,9 @@ def run_demo(
     (out / "train.yaml.new").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     try:
         config = load_train_config(out / "train.yaml.new", overrides=overrides)
+    except (TypeError, ValueError) as e:
+        msg = str(e).replace(f"{str(out / 'train.yaml.new')!r}: ", "")
+        raise type(e)(f"the demo's training recipe{' with the overrides' if overrides else ''}: {msg}") from None
     finally:
         (out / "train.yaml.new").unlink()
     _clear_previous_run(out)

@@ -158,6 +158,15 @@ def _lae(a: float, b: float) -> float:
     return a + math.log1p(math.exp(b - a))
 
 
+def _accumulate(table: dict, key: tuple, pb: float, pnb: float) -> None:
+    """Add a path's blank-ending and non-blank-ending probabilities to ``table[key]`` (log space)."""
+    cur = table.get(key)
+    if cur is None:
+        table[key] = [pb, pnb]
+    else:
+        cur[0], cur[1] = _lae(cur[0], pb), _lae(cur[1], pnb)
+
+
 def ctc_lexicon_beam_search(
     log_probs: torch.Tensor,
     lexicon: Lexicon,
@@ -210,31 +219,23 @@ def ctc_lexicon_beam_search(
         allowed = {int(c): float(row[c]) for c in cand}
         p_blank = float(row[blank])
         new: dict[tuple[tuple[int, ...], int], list[float]] = {}
-
-        def add(key, pb, pnb):
-            cur = new.get(key)
-            if cur is None:
-                new[key] = [pb, pnb]
-            else:
-                cur[0], cur[1] = _lae(cur[0], pb), _lae(cur[1], pnb)
-
         for (words, node), (pb, pnb) in hyps.items():
             tot = _lae(pb, pnb)
             last = token_of[node]
             # stay: a blank, or the last token repeated without a blank in between
-            add((words, node), tot + p_blank, pnb + float(row[last]) if last >= 0 else _NEG_INF)
+            _accumulate(new, (words, node), tot + p_blank, pnb + float(row[last]) if last >= 0 else _NEG_INF)
             # extend the current word along the trie
             for c, child in children[node].items():
                 lpc = allowed.get(c)
                 if lpc is not None:
-                    add((words, child), _NEG_INF, (pb if c == last else tot) + lpc)
+                    _accumulate(new, (words, child), _NEG_INF, (pb if c == last else tot) + lpc)
             # or, where a word is complete, start the next one
             w = word_at[node]
             if w >= 0:
                 for c, child in children[1].items():
                     lpc = allowed.get(c)
                     if lpc is not None:
-                        add((words + (w,), child), _NEG_INF, (pb if c == last else tot) + lpc)
+                        _accumulate(new, (words + (w,), child), _NEG_INF, (pb if c == last else tot) + lpc)
 
         def score(item):
             (words, node), (pb, pnb) = item
