@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from ..config import build_dict, resolve_class
-from ._strict import raise_key_problems
 from ..nn.attention import RelPosSelfAttention, SelfAttention
 from ..nn.cgmlp import FeedForwardConvGated
 from ..nn.conformer_layer import ConformerLayer, MaskedBatchNorm
 from ..nn.conv_subsample import ConformerConvSubsample
 from ..nn.ebranchformer_layer import EBranchformerLayer
 from ..nn.encoder import ConformerEncoder
+from ._strict import raise_key_problems
 
 __all__ = ["export_returnn_params", "load_returnn_encoder", "returnn_param_names", "save_returnn_checkpoint"]
 
