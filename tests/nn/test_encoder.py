@@ -183,19 +183,67 @@ def test_self_conditioning_uses_the_ctc_softmax():
         enc(x, n)
 
 
-def test_gradient_checkpointing_gives_equal_gradients(conv_encoder):
+def _train_step(enc, x, n, *, ckpt: bool, recompute: bool):
+    enc.zero_grad()
+    enc.gradient_checkpointing, enc.recompute_attention = ckpt, recompute
+    torch.manual_seed(1)  # the same dropout masks, recomputed identically under checkpointing
+    y, _ = enc(x, n)
+    y.pow(2).sum().backward()
+    return y.detach(), {k: p.grad.clone() for k, p in enc.named_parameters()}
+
+
+@pytest.mark.parametrize("ckpt, recompute", [(False, True), (True, False), (True, True)])
+def test_checkpointing_and_attention_recompute_give_equal_gradients(conv_encoder, ckpt, recompute):
     enc = conv_encoder.double().train()
     x, n = torch.randn(2, 40, 24, dtype=torch.float64), torch.tensor([40, 27])
-    grads = []
-    for ckpt in (False, True):
-        enc.zero_grad()
-        enc.gradient_checkpointing = ckpt
-        torch.manual_seed(1)  # the same dropout masks, recomputed identically under checkpointing
-        y, _ = enc(x, n)
-        y.pow(2).sum().backward()
-        grads.append({k: p.grad.clone() for k, p in enc.named_parameters()})
-    for k in grads[0]:
-        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-12, rtol=1e-9)
+    y0, g0 = _train_step(enc, x, n, ckpt=False, recompute=False)
+    y1, g1 = _train_step(enc, x, n, ckpt=ckpt, recompute=recompute)
+    torch.testing.assert_close(y0, y1, atol=1e-12, rtol=0)
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], atol=1e-12, rtol=1e-9)
+    # while whole layers are checkpointed the attention does not recompute a second time
+    assert all(not m.recompute for m in enc.modules() if hasattr(m, "recompute")) or not ckpt
+
+
+def _saved_bytes(enc, x, n) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        enc(x, n)[0].sum()
+    return sum(seen.values())
+
+
+def test_attention_recompute_keeps_no_score_matrices(conv_encoder):
+    enc = conv_encoder.train()
+    x, n = torch.randn(2, 80, 24), torch.tensor([80, 61])
+    enc.recompute_attention = False
+    stored = _saved_bytes(enc, x, n)
+    enc.recompute_attention = True
+    lean = _saved_bytes(enc, x, n)
+    t = enc.output_lengths(torch.tensor([80])).item()
+    heads = enc.layers[0].self_att.num_heads
+    score_bytes = 2 * heads * t * t * 4  # one float32 (B, H, T', T') tensor
+    # without recompute: the softmax, its dropout mask and the dropped weights of every layer
+    assert stored - lean >= 2 * score_bytes * len(enc.layers)
+
+
+def test_dropout_keeps_a_bool_mask(conv_encoder):
+    from ebranchformer.nn.dropout import Dropout
+
+    drop, kinds = Dropout(0.5).train(), []
+    x = torch.randn(64, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kinds.append(t.dtype) or t, lambda t: t):
+        y = drop(x)
+    assert kinds == [torch.bool]
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] * 2)
+    assert 0.4 < kept.float().mean() < 0.6
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() * 2)
 
 
 BAD_INPUT = [

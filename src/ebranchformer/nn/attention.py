@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import register
 from .dropout import Dropout
@@ -55,6 +56,10 @@ class _MultiHeadBase(nn.Module):
         self.att_dropout = float(att_dropout)
         self.dropout = Dropout(att_dropout)
         self.fast = True
+        # Training memory: keep only q, k, v (and the position table) for backward and recompute the (B, H, T, T)
+        # scores, softmax and dropout there (same RNG state, so the same values). ConformerEncoder turns it off
+        # while whole layers are checkpointed.
+        self.recompute = True
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -62,10 +67,16 @@ class _MultiHeadBase(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, dk) each
         return q, k, v
 
+    def _core(self, fn, *args: torch.Tensor) -> torch.Tensor:
+        """``fn(*args)``, checkpointed in training when ``recompute`` is set."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor
     ) -> torch.Tensor:
-        """softmax((q k^T + bias) / sqrt(dk), keys masked by ``valid``) v, then ``out_proj``."""
+        """softmax((q k^T + bias) / sqrt(dk), keys masked by ``valid``) v, heads merged: (B, T, D)."""
         b, h, t, dk = q.shape
         keep = valid[:, None, None, :]  # (B, 1, 1, T)
         if self.fast:
@@ -83,8 +94,7 @@ class _MultiHeadBase(nn.Module):
             s = (s / math.sqrt(dk)).masked_fill(~keep, float("-inf"))
             att = torch.softmax(s, dim=-1, dtype=torch.float32 if s.dtype in _HALF else None).to(q.dtype)
             o = torch.matmul(self.dropout(att), v)  # (B, H, T, dk)
-        o = o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
-        return self.out_proj(o)
+        return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
 
 
 @register
@@ -144,19 +154,24 @@ class RelPosSelfAttention(_MultiHeadBase):
         self.zero_triu, self.legacy, self.legacy_max_len = bool(zero_triu), bool(legacy), int(legacy_max_len)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        h, dk = self.num_heads, self.head_dim
+        t = x.shape[1]
         q, k, v = self._qkv(x)  # (B, H, T, dk)
         if self.legacy:
             table = legacy_rel_pos_table(t, self.dim, self.legacy_max_len, device=x.device, dtype=x.dtype)
         else:
             table = rel_pos_table(t, self.dim, device=x.device, dtype=x.dtype)  # (2T-1, D)
         p = self.linear_pos(self.pos_emb_dropout(table))  # (P, D), P = 2T-1 (latest) or T (legacy)
-        p = p.view(-1, h, dk).transpose(0, 1)  # (H, P, dk)
+        p = p.view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, P, dk)
+        return self.out_proj(self._core(self._scores_and_attend, q, k, v, p, valid))
+
+    def _scores_and_attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        t = q.shape[2]
         bd = torch.matmul(q + self.pos_bias_v[:, None, :], p.transpose(-2, -1))  # (B, H, T, P)
         bd = rel_shift_legacy(bd) if self.legacy else rel_shift(bd, fast=self.fast)  # (B, H, T, T)
         if self.zero_triu:
-            bd = bd * torch.ones(t, t, device=x.device, dtype=bd.dtype).tril()
+            bd = bd * torch.ones(t, t, device=q.device, dtype=bd.dtype).tril()
         return self._attend(q + self.pos_bias_u[:, None, :], k, v, bd, valid)
 
 
@@ -198,4 +213,4 @@ class SelfAttention(_MultiHeadBase):
         q, k, v = self._qkv(x)  # (B, H, T, dk)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self._attend(q, k, v, None, valid)
+        return self.out_proj(self._core(self._attend, q, k, v, None, valid))

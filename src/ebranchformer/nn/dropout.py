@@ -30,7 +30,8 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         if not self.broadcast:
-            return nn.functional.dropout(x, self.p, training=True)
+            # native_dropout keeps a bool mask for backward; F.dropout keeps a float one on the CPU (4x the memory)
+            return torch.native_dropout(x, self.p, True)[0]
         keep = torch.empty(x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p)  # (D,)
         return x * (keep / (1.0 - self.p))
 

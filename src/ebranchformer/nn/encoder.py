@@ -122,8 +122,37 @@ class ConformerEncoder(nn.Module):
         self.layers = nn.ModuleList(self._build_layer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = LayerNorm(d, eps=cfg.final_norm_eps) if cfg.final_norm else None
         self.conditioning_layer = nn.Linear(cfg.vocab_size, d) if cfg.interctc_use_conditioning else None
-        self.gradient_checkpointing = False  # per-layer activation checkpointing in training
+        self._recompute_attention = True
+        self._gradient_checkpointing = False
         init_parameters(self, cfg.init)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Per-layer activation checkpointing in training: keep only each layer's input and recompute the layer
+        in backward (Default: ``False``)."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self._gradient_checkpointing = bool(enabled)
+        self._sync_recompute()
+
+    @property
+    def recompute_attention(self) -> bool:
+        """Training memory: the attention layers keep q, k and v for backward and recompute their (B, H, T', T')
+        scores, softmax and dropout there instead of storing three such tensors per layer (Default: ``True``;
+        the values and gradients are the same). Off while ``gradient_checkpointing`` recomputes whole layers."""
+        return self._recompute_attention
+
+    @recompute_attention.setter
+    def recompute_attention(self, enabled: bool) -> None:
+        self._recompute_attention = bool(enabled)
+        self._sync_recompute()
+
+    def _sync_recompute(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "recompute"):
+                m.recompute = self._recompute_attention and not self._gradient_checkpointing
 
     @classmethod
     def from_config(cls, config: EncoderConfig | dict) -> ConformerEncoder:
