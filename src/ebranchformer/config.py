@@ -15,14 +15,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigBase", "build_dict", "build_module", "register", "resolve_class", "spec_to_dict"]
+__all__ = ["ConfigBase", "build_dict", "build_module", "load_yaml", "register", "resolve_class", "spec_to_dict"]
 
 _REGISTRY: dict[str, type] = {}
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-8``, ``5E3``): YAML 1.1, which PyYAML
+    follows, reads those as strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-8`` as a float (every config file of this package goes through it).
+
+    Example:
+        >>> load_yaml("lr: 1e-3\nsteps: 100")
+        {'lr': 0.001, 'steps': 100}
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 T = TypeVar("T")
 
 
@@ -139,7 +162,7 @@ class ConfigBase:
 
     @classmethod
     def from_yaml(cls: type[C], text: str) -> C:
-        return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(load_yaml(text))
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

@@ -136,8 +136,10 @@ def count_flops(fn, *args: Any) -> tuple[int, dict[str, int]]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    from .config import load_yaml
+
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"cannot read {str(path)!r} as YAML: {e}") from e
     if not isinstance(doc, dict):

@@ -97,6 +97,14 @@ def test_overrides_and_file_errors(tmp_path):
         load_train_config(path)
 
 
+def test_floats_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: x\ndata: {train: t.jsonl}\noptim: {total_steps: 10, eps: 1e-8, lr: 2E-3}\n")
+    cfg = load_train_config(path, ["optim.weight_decay=1e-2", "data.max_frames=4e3"])
+    assert (cfg.optim.eps, cfg.optim.lr, cfg.optim.weight_decay, cfg.data.max_frames) == (1e-8, 2e-3, 0.01, 4000.0)
+    assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
 @pytest.mark.parametrize(
     "cls",
     [tc.DataConfig, tc.TokenizerConfig, tc.OptimConfig, tc.CheckpointConfig, tc.LogConfig, tc.TrainConfig],

@@ -40,7 +40,7 @@ import yaml
 
 from ebranchformer.asr.model_config import ModelConfig
 from ebranchformer.asr.schedulers import SCHEDULES
-from ebranchformer.config import ConfigBase, check
+from ebranchformer.config import ConfigBase, check, load_yaml
 
 __all__ = [
     "CheckpointConfig",
@@ -315,7 +315,7 @@ def _apply_override(doc: dict[str, Any], item: str) -> None:
                 f"override {item!r}: {p!r} is not a section"
             )
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = load_yaml(raw)
 
 
 def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -330,7 +330,7 @@ def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     except OSError as e:
         raise ValueError(f"cannot read training config {str(path)!r}: {e}") from e
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(doc, dict):

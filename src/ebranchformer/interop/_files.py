@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from ..config import load_yaml
+
 __all__ = ["check_out_dir", "existing_file", "load_torch_file", "read_yaml_mapping"]
 
 
@@ -26,7 +28,7 @@ def read_yaml_mapping(path: Any, name: str) -> dict[str, Any]:
     """The mapping in the YAML file ``path``; ValueError naming the file when unreadable or not a mapping."""
     p = existing_file(path, name)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"{name} {str(p)!r} is not readable YAML: {e}") from e
     if not isinstance(data, dict):
