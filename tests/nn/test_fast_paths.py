@@ -3,10 +3,15 @@ torch.export, and bf16 autocast within a documented bound."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ebranchformer import Conv2dSubsampling, Merge, RelPosSelfAttention, SelfAttention, build_dict
+from ebranchformer.nn import subsampling
 from ebranchformer.nn.attention import rel_shift
 
 from .conftest import perturb_, small_encoder
@@ -149,3 +154,40 @@ def test_channels_last_depthwise_conv_equals_conv1d(k, left, right):
     gp = torch.autograd.grad(plain.pow(2).sum(), (x, w))
     for a, c in zip(gf, gp):
         torch.testing.assert_close(a, c, atol=1e-10, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["conv2d", "conv2d2", "conv2d6", "conv2d8"]),
+    lengths=st.lists(st.integers(15, 90), min_size=1, max_size=4),
+    padding=st.sampled_from(["masked", "espnet_legacy"]),
+    block_bytes=st.sampled_from([1, 5000, 1 << 30]),  # one frame per block ... one block
+)
+def test_chunked_cpu_frontend_equals_plain(kind, lengths, padding, block_bytes):
+    sub = perturb_(Conv2dSubsampling(20, 8, kind=kind)).eval()
+    n = torch.tensor(lengths)
+    x = torch.randn(len(lengths), max(lengths), 20)
+    with torch.no_grad(), mock.patch.object(subsampling, "_BLOCK_BYTES", block_bytes):
+        sub.fast = True
+        fast, n_fast = sub(x, n, padding=padding)
+        sub.fast = False
+        plain, n_plain = sub(x, n, padding=padding)
+    assert torch.equal(n_fast, n_plain)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_chunked_cpu_frontend_under_bf16_autocast():
+    sub = perturb_(Conv2dSubsampling(80, 64)).eval()
+    x, n = torch.randn(3, 300, 80), torch.tensor([300, 211, 40])
+    with torch.no_grad(), mock.patch.object(subsampling, "_BLOCK_BYTES", 20000):
+        sub.fast = False
+        ref = sub(x, n)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = sub(x, n)[0]
+            sub.fast = True
+            fast = sub(x, n)[0]
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    # both bf16 paths stay within bf16 rounding of the fp32 result (relative to its scale)
+    scale = ref.abs().max()
+    assert (fast.float() - ref).abs().max() <= 0.02 * scale
+    assert (plain.float() - ref).abs().max() <= 0.02 * scale

@@ -167,6 +167,8 @@ def _prepared(model: nn.Module, fast: bool) -> nn.Module:
         )
         enc.config = dataclasses.replace(enc.config, padding="masked")
     enc.set_fast_path(fast)
+    if getattr(enc.input_layer, "chunked", False):
+        enc.input_layer.chunked = False  # its block loop depends on T: one graph for every length needs one pass
     return model
 
 
