@@ -191,3 +191,28 @@ def test_chunked_cpu_frontend_under_bf16_autocast():
     scale = ref.abs().max()
     assert (fast.float() - ref).abs().max() <= 0.02 * scale
     assert (plain.float() - ref).abs().max() <= 0.02 * scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    heads=st.sampled_from([1, 2, 4]),
+    block_bytes=st.sampled_from([1, 3000, 1 << 30]),  # blocks of 16 rows ... one block
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_blocked_cpu_attention_equals_plain(lengths, heads, block_bytes, dtype):
+    from ebranchformer.nn import attention
+
+    att = perturb_(RelPosSelfAttention(16, heads)).to(dtype).eval()
+    t = max(lengths)
+    x, valid = torch.randn(len(lengths), t, 16, dtype=dtype), _valid(lengths, t)
+    with torch.no_grad(), mock.patch.object(attention, "_BLOCK_BYTES", block_bytes):
+        att.fast, att.chunked = True, True
+        blocked = att(x, valid)
+        att.chunked = False
+        one_pass = att(x, valid)
+        att.fast = False
+        plain = att(x, valid)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(blocked, plain, atol=tol, rtol=0)
+    torch.testing.assert_close(one_pass, plain, atol=tol, rtol=0)

