@@ -139,6 +139,28 @@ def test_transcribe_with_a_lexicon_gives_lexicon_words(model_dir, corpus, tmp_pa
         assert set(text.split()) <= {"ab", "abc", "dcba", "bad"}
 
 
+def test_transcribe_and_evaluate_in_bf16(model_dir, corpus, capsys):
+    from ebranchformer.asr.recognize import log_probs_batched, read_audio_files
+
+    audio = _audio(corpus)[:4]
+    assert main(["transcribe", str(model_dir), *audio, "--precision", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == audio
+    model = CTCModel.load(model_dir)
+    wavs = read_audio_files(model, audio)
+    fp32, bf16 = log_probs_batched(model, wavs), log_probs_batched(model, wavs, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert b.dtype == torch.float32 and a.shape == b.shape
+        assert (a.exp() - b.exp()).abs().max() < 0.05  # posteriors within bf16 rounding of the fp32 ones
+        assert not torch.equal(a, b)  # bf16 did run
+    assert main(["evaluate", str(model_dir), "--manifest", str(corpus[1]), "--precision", "bf16"]) == 0
+    assert "WER:" in capsys.readouterr().out
+    assert main(["transcribe", str(model_dir), *audio, "--precision", "bf16", "--backend", "onnxruntime"]) == 2
+    assert "--precision work with --backend torch only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision must be one of"):
+        log_probs_batched(model, wavs, precision="fp16")
+
+
 def test_transcribe_non_audio_file_fails_clearly(model_dir, tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not audio\n")

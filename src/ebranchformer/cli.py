@@ -166,8 +166,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         raise CLIError("nothing to transcribe: give audio files and/or --manifest")
     beam = _beam(args)
     if args.backend == "onnxruntime":
-        if args.lexicon:
-            raise CLIError("--lexicon works with --backend torch only")
+        if args.lexicon or args.precision != "fp32":
+            raise CLIError("--lexicon and --precision work with --backend torch only")
         if args.device == "cuda":
             raise CLIError("--backend onnxruntime runs on the CPU here; drop --device cuda")
         try:
@@ -184,7 +184,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
         model = _load_model(args.model_dir, args.device)
         texts = transcribe_files(model, paths, beam=beam, batch_size=args.batch_size,
-                                 lexicon=_lexicon(args.lexicon, model))
+                                 lexicon=_lexicon(args.lexicon, model), precision=args.precision)
     for path, text in zip(paths, texts):
         print(f"{path}\t{text}")
     return 0
@@ -211,7 +211,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = _load_model(args.model_dir, args.device)
     lexicon = _lexicon(args.lexicon, model)
     beam = _beam(args)
-    result = recognize_manifest(model, args.manifest, beam=beam, batch_size=args.batch_size, lexicon=lexicon)
+    result = recognize_manifest(model, args.manifest, beam=beam, batch_size=args.batch_size, lexicon=lexicon,
+                                precision=args.precision)
     decoder = f"lexicon beam {beam}" if lexicon is not None else ("greedy" if beam == 1 else f"beam {beam}")
     if result.skipped:
         print(f"warning: {args.manifest}: {result.skipped}", file=sys.stderr)
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "word list (one per line) come out (ebranchformer.asr.lexicon)")
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
     tr.add_argument("--batch-size", type=_positive_int, default=16, help="utterances per forward pass")
+    tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: run the model under bfloat16 autocast (torch backend)")
     tr.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                     help="run the model with PyTorch or an exported ONNX CTC model under onnxruntime")
     tr.set_defaults(func=_cmd_transcribe)
@@ -330,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lexicon", metavar="WORDS.txt", help="closed-vocabulary decoding with this word list")
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="utterances per forward pass")
+    ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: run the model under bfloat16 autocast (torch backend)")
     ev.add_argument("--json", metavar="OUT.json", help="also write the results to this JSON file")
     ev.add_argument("--hyps", action="store_true", help="with --json: include every reference and hypothesis")
     ev.add_argument("--show", type=_nonneg_int, default=0, help="print the first N reference/hypothesis pairs")

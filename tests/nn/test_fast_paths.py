@@ -81,9 +81,9 @@ def test_encoder_fast_equals_plain_forward_and_backward(conv_encoder):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-4)
 
 
-# Measured |bf16 - fp32| on the unit-scale (LayerNorm) outputs of this 2-layer model over 3 seeds: max 0.024-0.029,
-# mean 0.0037-0.0044. The bound leaves about 3x headroom.
-BF16_MAX_ABS, BF16_MEAN_ABS = 0.1, 0.015
+# Measured |bf16 - fp32| on the unit-scale (LayerNorm) outputs of this 2-layer model over 3 seeds (float32 residual
+# stream under autocast): max 0.014-0.020, mean 0.0026-0.0029. The bound leaves about 3x headroom.
+BF16_MAX_ABS, BF16_MEAN_ABS = 0.06, 0.009
 
 
 def test_bf16_autocast_within_documented_bound(conv_encoder):
@@ -94,6 +94,7 @@ def test_bf16_autocast_within_documented_bound(conv_encoder):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, yl2 = enc(x, n)
     assert torch.equal(yl, yl2) and torch.isfinite(low).all()
+    assert low.dtype == torch.float32  # the residual stream (and the output) stay float32 under autocast
     valid = _valid(yl.tolist(), ref.shape[1])
     diff = (low.float() - ref).abs()[valid]
     assert diff.max() < BF16_MAX_ABS and diff.mean() < BF16_MEAN_ABS

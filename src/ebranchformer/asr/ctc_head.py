@@ -81,8 +81,10 @@ class CTCHead(nn.Module):
         return self.linear(self.dropout(h))
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 log-softmax over V, (B, T, V) (no dropout: meant for decoding)."""
-        return self.linear(h).float().log_softmax(dim=-1)
+        """float32 log-softmax over V, (B, T, V) (no dropout: meant for decoding). The projection runs in float32
+        also under autocast: it is cheap, and bf16 logits would flip the argmax of close frames."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.linear.weight.float(), self.linear.bias).log_softmax(dim=-1)
 
     def loss(
         self, h: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor, token_lengths: torch.Tensor

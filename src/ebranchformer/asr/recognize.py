@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from ebranchformer.asr.lexicon import Lexicon, ctc_lexicon_beam_search
 from ebranchformer.asr.manifest import read_jsonl_manifest
 
 __all__ = [
+    "PRECISIONS",
     "ManifestResult",
     "decode_log_probs",
     "log_probs_batched",
@@ -42,6 +44,9 @@ __all__ = [
     "recognize_manifest",
     "transcribe_files",
 ]
+
+PRECISIONS = ("fp32", "bf16")
+"""Inference precisions: float32, or bfloat16 autocast."""
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -74,14 +79,20 @@ def read_audio_files(model: CTCModel, paths: Sequence[str | os.PathLike]) -> lis
 
 @torch.no_grad()
 def log_probs_batched(
-    model: CTCModel, wavs: Sequence[np.ndarray], batch_size: int = 16
+    model: CTCModel, wavs: Sequence[np.ndarray], batch_size: int = 16, precision: str = "fp32"
 ) -> list[torch.Tensor]:
     """CTC log-probabilities (T'_i, V) float32 on the CPU of each waveform (S_i,), in input order.
 
     Waveforms are sorted longest first and run ``batch_size`` at a time on the model's device, as
-    :meth:`CTCModel.transcribe` does. The model is put in eval mode (and restored).
+    :meth:`CTCModel.transcribe` does. The model is put in eval mode (and restored). ``precision="bf16"`` runs
+    the model under bfloat16 autocast (softmax and LayerNorm statistics stay float32).
     """
     _check_int("batch_size", batch_size, 1)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    autocast = (
+        torch.autocast(model.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
     order = sorted(range(len(wavs)), key=lambda i: -len(wavs[i]))
     out: list[torch.Tensor | None] = [None] * len(wavs)
     was_training = model.training
@@ -93,7 +104,8 @@ def log_probs_batched(
             batch = torch.zeros(len(idx), int(lengths.max()))  # (b, S)
             for row, i in enumerate(idx):
                 batch[row, : len(wavs[i])] = torch.from_numpy(wavs[i])
-            lp, lp_lengths = model.log_probs(batch.to(model.device), lengths.to(model.device))  # (b, T', V)
+            with autocast:
+                lp, lp_lengths = model.log_probs(batch.to(model.device), lengths.to(model.device))  # (b, T', V)
             lp, lp_lengths = lp.float().cpu(), lp_lengths.cpu()
             for row, i in enumerate(idx):
                 out[i] = lp[row, : int(lp_lengths[row])]
@@ -139,10 +151,11 @@ def transcribe_files(
     beam: int = 1,
     batch_size: int = 16,
     lexicon: Lexicon | None = None,
+    precision: str = "fp32",
 ) -> list[str]:
     """Transcripts of audio files (see :func:`read_audio_files` for the errors)."""
-    return decode_log_probs(model, log_probs_batched(model, read_audio_files(model, paths), batch_size),
-                            beam, lexicon)
+    wavs = read_audio_files(model, paths)
+    return decode_log_probs(model, log_probs_batched(model, wavs, batch_size, precision), beam, lexicon)
 
 
 @dataclasses.dataclass
@@ -169,6 +182,7 @@ def recognize_manifest(
     batch_size: int = 16,
     lexicon: Lexicon | None = None,
     log_probs: Sequence[torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> ManifestResult:
     """Transcribe a JSONL manifest and score it against its texts (jiwer corpus WER/CER).
 
@@ -179,7 +193,8 @@ def recognize_manifest(
     if not utts:
         raise ValueError(f"manifest {os.fspath(manifest)!r} holds no usable utterances ({skips})")
     if log_probs is None:
-        log_probs = log_probs_batched(model, read_audio_files(model, [u.audio for u in utts]), batch_size)
+        wavs = read_audio_files(model, [u.audio for u in utts])
+        log_probs = log_probs_batched(model, wavs, batch_size, precision)
     hyps = decode_log_probs(model, log_probs, beam, lexicon)
     refs = [u.text for u in utts]
     wer, cer = error_rates(refs, hyps)

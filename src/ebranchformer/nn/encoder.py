@@ -223,6 +223,8 @@ class ConformerEncoder(nn.Module):
         if cfg.pos_enc == "abs":
             x = x + abs_pos_table(x.shape[1], cfg.out_dim, device=x.device, dtype=x.dtype)
         x = self.input_dropout(x)
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # under autocast the residual stream stays float32 (only matmul inputs are cast)
         valid = lengths_to_valid(lengths, x.shape[1])  # (B, T')
         for i, layer in enumerate(self.layers):
             if self.training and cfg.layer_drop > 0 and torch.rand(()) < cfg.layer_drop:
