@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigBase", "build_dict", "build_module", "load_yaml", "register", "resolve_class", "spec_to_dict"]
+__all__ = ["ConfigBase", "build_dict", "build_module", "check_spec", "load_yaml", "register", "resolve_class", "spec_to_dict"]
 
 _REGISTRY: dict[str, type] = {}
 
@@ -71,6 +72,40 @@ def build_dict(cls: type | str, **opts: Any) -> dict[str, Any]:
     """Describe a module to be built later: ``{"class": cls, **opts}`` (as RETURNN's ``rf.build_dict``)."""
     resolve_class(cls)  # fail early on an unknown name
     return {"class": cls, **opts}
+
+
+def check_spec(spec: Any, what: str) -> None:
+    """Check a ``build_dict`` spec without building it: a known class, and options its constructor takes.
+
+    ``what`` names the spec in the error (e.g. ``"encoder_layer"``). Classes, modules, factories and None pass.
+
+    Example:
+        >>> check_spec({"class": "EBranchformerLayer", "cgmlp_kernel": 7}, "encoder_layer")
+        Traceback (most recent call last):
+        ...
+        ValueError: encoder_layer: EBranchformerLayer has no option 'cgmlp_kernel' (its options: ...)
+    """
+    if isinstance(spec, str):
+        resolve_class(spec)
+    if not isinstance(spec, dict):
+        return
+    if "class" not in spec:
+        raise ValueError(f"{what}: a module spec dict needs a 'class' key, got keys {sorted(spec)}")
+    cls = resolve_class(spec["class"])
+    config_class = getattr(cls, "config_class", None)  # a module whose **opts go to a config dataclass
+    if config_class is not None:
+        params: Any = {f.name: f for f in dataclasses.fields(config_class)}
+    else:
+        params = inspect.signature(cls).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+    unknown = sorted(k for k in spec if k != "class" and k not in params)
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise ValueError(
+            f"{what}: {cls.__name__} has no option{'s' if len(unknown) > 1 else ''} {names} "
+            f"(its options: {', '.join(params)})"
+        )
 
 
 def build_module(spec: Any, default_cls: type | None = None, **defaults: Any) -> Any:

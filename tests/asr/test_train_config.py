@@ -97,6 +97,18 @@ def test_overrides_and_file_errors(tmp_path):
         load_train_config(path)
 
 
+def test_layer_and_frontend_options_are_checked_when_the_config_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    enc = "model.encoder.encoder_layer={class: EBranchformerLayer, cgmlp_kernel: 7}"
+    with pytest.raises(ValueError, match="encoder_layer: EBranchformerLayer has no option 'cgmlp_kernel'"):
+        load_train_config(path, [enc])
+    with pytest.raises(ValueError, match="unknown module class 'Conv2dSubsampling4'"):
+        load_train_config(path, ["model.encoder.input_layer={class: Conv2dSubsampling4}"])
+    ok = load_train_config(path, ["model.encoder.encoder_layer={class: EBranchformerLayer, cgmlp_conv_kernel: 7}"])
+    assert ok.model.encoder["encoder_layer"]["cgmlp_conv_kernel"] == 7
+
+
 def test_floats_without_a_dot_are_floats(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("output_dir: x\ndata: {train: t.jsonl}\noptim: {total_steps: 10, eps: 1e-8, lr: 2E-3}\n")

@@ -231,6 +231,17 @@ def test_attention_recompute_keeps_no_score_matrices(conv_encoder):
     assert stored - lean >= 2 * score_bytes * len(enc.layers)
 
 
+def test_dropout_rate_is_p():
+    from ebranchformer.nn.dropout import dropout_bool_mask
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    for p in (0.1, 0.3):
+        y = dropout_bool_mask(x, p)
+        assert abs((y == 0).float().mean().item() - p) < 0.005  # 5 sigma is about 0.0035 here
+        torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+
+
 def test_dropout_keeps_a_bool_mask(conv_encoder):
     from ebranchformer.nn.dropout import Dropout
 
@@ -279,7 +290,9 @@ def test_bad_input_is_named(conv_encoder, make, exc, match):
         (dict(interctc_layers=(1,), interctc_use_conditioning=True), "needs vocab_size"),
         (dict(encoder_layer=build_dict(EBranchformerLayer, ff_activation="nope")), "unknown activation"),
         (dict(encoder_layer={"class": "NoSuchLayer"}), "unknown module class .NoSuchLayer."),
-        (dict(encoder_layer=build_dict(EBranchformerLayer, bogus=1)), "unexpected keyword argument 'bogus'"),
+        (dict(encoder_layer=build_dict(EBranchformerLayer, bogus=1)), "encoder_layer: EBranchformerLayer has no option 'bogus'"),
+        (dict(input_layer={"class": "Conv2dSubsampling", "knid": "conv2d"}), "input_layer: .* no option 'knid'"),
+        (dict(input_layer={"kind": "conv2d"}), "input_layer: a module spec dict needs a 'class' key"),
         (dict(input_layer=build_dict(Conv2dSubsampling, kind="conv2d5")), "kind must be one of"),
         (dict(layer_drop=1.0), r"layer_drop must be in \[0, 1\)"),
     ],

@@ -83,7 +83,9 @@ class _MultiHeadBase(nn.Module):
         """softmax((q k^T + bias) / sqrt(dk), keys masked by ``valid``) v, heads merged: (B, T, D)."""
         b, h, t, dk = q.shape
         keep = valid[:, None, None, :]  # (B, 1, 1, T)
-        if self.fast:
+        # SDPA's own attention dropout on the CPU runs its math path with a float bernoulli mask: our explicit
+        # path below does the same math with the cheaper bool-mask dropout (and is used in CPU training)
+        if self.fast and not (self.training and self.att_dropout > 0 and q.is_cpu):
             # the positional bias arrives already scaled by 1/sqrt(dk); one pass adds the key mask to it
             scale = 1.0 / math.sqrt(dk)
             if bias is None:
@@ -95,9 +97,13 @@ class _MultiHeadBase(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         else:
             s = torch.matmul(q, k.transpose(-2, -1))  # (B, H, T, T)
-            if bias is not None:
-                s = s + bias
-            s = (s / math.sqrt(dk)).masked_fill(~keep, float("-inf"))
+            if bias is not None and self.fast:  # bias pre-scaled (CPU training on the fast path)
+                s = s * (1.0 / math.sqrt(dk)) + bias
+            elif bias is not None:
+                s = (s + bias) / math.sqrt(dk)
+            else:
+                s = s / math.sqrt(dk)
+            s = s.masked_fill(~keep, float("-inf"))
             att = torch.softmax(s, dim=-1, dtype=torch.float32 if s.dtype in _HALF else None).to(q.dtype)
             o = torch.matmul(self.dropout(att), v)  # (B, H, T, dk)
         return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)

@@ -127,6 +127,8 @@ class ConformerLayer(nn.Module):
         torch.Size([2, 40, 256])
     """
 
+    config_class = ConformerLayerConfig  # its fields are the options (config.check_spec)
+
     def __init__(self, out_dim: int = 512, **opts: Any) -> None:
         super().__init__()
         cfg = ConformerLayerConfig(out_dim=out_dim, **opts)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Dropout"]
+__all__ = ["Dropout", "dropout_bool_mask"]
+
+
+def dropout_bool_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Elementwise dropout that keeps a bool mask for backward (``F.dropout`` keeps a float one on the CPU, 4x the
+    memory) and draws it as ``uniform >= p`` (float32), which on the CPU is 1.5-2x faster than ``bernoulli_``."""
+    keep = torch.rand(x.shape, device=x.device) >= p  # (..., D) bool, P(keep) = 1 - p
+    return (x * keep).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Module):
@@ -30,8 +37,7 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         if not self.broadcast:
-            # native_dropout keeps a bool mask for backward; F.dropout keeps a float one on the CPU (4x the memory)
-            return torch.native_dropout(x, self.p, True)[0]
+            return dropout_bool_mask(x, self.p)
         keep = torch.empty(x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p)  # (D,)
         return x * (keep / (1.0 - self.p))
 

@@ -91,6 +91,8 @@ class EBranchformerLayer(nn.Module):
         torch.Size([2, 50, 256])
     """
 
+    config_class = EBranchformerLayerConfig  # its fields are the options (config.check_spec)
+
     def __init__(self, out_dim: int = 512, **opts: Any) -> None:
         super().__init__()
         cfg = EBranchformerLayerConfig(out_dim=out_dim, **opts)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ConfigBase, build_module, register, resolve_class
+from ..config import ConfigBase, build_module, check_spec, register, resolve_class
 from .conformer_layer import ConformerLayer
 from .dropout import Dropout
 from .frontend import PADDING_MODES
@@ -57,6 +57,8 @@ class EncoderConfig(ConfigBase):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_spec(self.input_layer, "input_layer")
+        check_spec(self.encoder_layer, "encoder_layer")
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
         if self.pos_enc not in (None, "abs"):
