@@ -288,3 +288,18 @@ def test_lexicon_words_file(tmp_path):
     path = tmp_path / "w.txt"
     path.write_text("# words\nab\n\nba\nab\n")
     assert Lexicon.from_file(path, tok).words == ["ab", "ba"]
+
+
+def test_busy_cores_reads_proc_stat(tmp_path, monkeypatch):
+    from ebranchformer import cli
+
+    busy = cli._busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
+    assert cli._busy_cores(0.0, stat=str(tmp_path / "missing")) is None
+    samples = iter(["cpu 100 0 100 800 0 0 0 0 0 0\n", "cpu 200 0 200 1000 0 0 0 0 0 0\n"])  # 200 of 400 busy
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(cli.time, "sleep", lambda s: stat.write_text(next(samples)))
+    stat.write_text(next(samples))
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert cli._busy_cores(0.0, stat=str(stat)) == 1.0
+

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,22 +108,45 @@ def _manifest_audio(manifest: str) -> list[str]:
 
 
 # -- subcommands ----------------------------------------------------------------------------------------------
+def _busy_cores(interval: float = 0.5, stat: str = "/proc/stat") -> float | None:
+    """CPU cores kept busy by other processes right now: the non-idle share of /proc/stat's CPU time over
+    ``interval`` seconds, times the core count (None where /proc/stat is missing)."""
+
+    def sample() -> tuple[int, int]:
+        with open(stat, encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def _passive_openmp_when_busy() -> None:
     """Let idle OpenMP threads sleep instead of spin when other processes keep the CPUs busy.
 
     With OpenMP's default (spinning) barriers, 2-thread training on a 2-core machine where another process
     runs took 14.4 s per step instead of 0.46 s with one thread (docs/demo_tuning.md); sleeping barriers bring
     it back to single-thread speed. On an idle machine spinning is faster (15.4k vs 10.4k frames/s), so this
-    only applies when the 1-minute load average is at least 1 and the user has not set OMP_WAIT_POLICY. It
+    only applies when other processes keep at least half a core busy at the start (measured over 0.5 s; the
+    load average would also count a set-up step that just ended) and the user has not set OMP_WAIT_POLICY. It
     must run before torch starts its thread pool; the results do not depend on it.
     """
     if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return
-    try:
-        busy = os.getloadavg()[0] >= 1.0
-    except OSError:
-        return
-    if busy:
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return
+    if busy >= 0.5:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
