@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,19 @@ AudioInput = np.ndarray | torch.Tensor | str | os.PathLike
 def identity_mvn(dim: int) -> GlobalMVN:
     """A GlobalMVN with mean 0 and std 1 (placeholder until real statistics are set or loaded)."""
     return GlobalMVN(1, np.zeros(dim), np.ones(dim))
+
+
+def padded_batches(wavs: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Waveforms (S_i,) longest first, ``batch_size`` at a time: ``(indices, batch (b, S) zero-padded, lengths (b,)
+    int64)`` on the CPU, ``indices`` into ``wavs``."""
+    order = sorted(range(len(wavs)), key=lambda i: -len(wavs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        lengths = torch.tensor([len(wavs[i]) for i in idx], dtype=torch.int64)  # (b,)
+        batch = torch.zeros(len(idx), int(lengths.max()))  # (b, S)
+        for row, i in enumerate(idx):
+            batch[row, : len(wavs[i])] = torch.from_numpy(wavs[i])
+        yield idx, batch, lengths
 
 
 class CTCModel(nn.Module):
@@ -283,17 +296,11 @@ class CTCModel(nn.Module):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         single = isinstance(audio, (np.ndarray, torch.Tensor, str, os.PathLike))
         wavs = [self._read_audio(a, i, sample_rate) for i, a in enumerate([audio] if single else list(audio))]
-        order = sorted(range(len(wavs)), key=lambda i: -len(wavs[i]))
         texts: list[str] = [""] * len(wavs)
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                lengths = torch.tensor([len(wavs[i]) for i in idx], dtype=torch.int64)  # (b,)
-                batch = torch.zeros(len(idx), int(lengths.max()))  # (b, S)
-                for row, i in enumerate(idx):
-                    batch[row, : len(wavs[i])] = torch.from_numpy(wavs[i])
+            for idx, batch, lengths in padded_batches(wavs, batch_size):
                 lp, lp_lengths = self.log_probs(batch.to(self.device), lengths.to(self.device))
                 for i, ids in zip(idx, self.decode(lp, lp_lengths, beam)):
                     texts[i] = self.tokenizer.decode(ids)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ebranchformer.asr.audio import AudioError, load_audio
-from ebranchformer.asr.ctc_model import CTCModel
+from ebranchformer.asr.ctc_model import CTCModel, padded_batches
 from ebranchformer.asr.decoding import ctc_greedy, ctc_prefix_beam_search
 from ebranchformer.asr.evaluate import error_rates
 from ebranchformer.asr.lexicon import Lexicon, ctc_lexicon_beam_search
@@ -93,17 +93,11 @@ def log_probs_batched(
     autocast = (
         torch.autocast(model.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
-    order = sorted(range(len(wavs)), key=lambda i: -len(wavs[i]))
     out: list[torch.Tensor | None] = [None] * len(wavs)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            lengths = torch.tensor([len(wavs[i]) for i in idx], dtype=torch.int64)  # (b,)
-            batch = torch.zeros(len(idx), int(lengths.max()))  # (b, S)
-            for row, i in enumerate(idx):
-                batch[row, : len(wavs[i])] = torch.from_numpy(wavs[i])
+        for idx, batch, lengths in padded_batches(wavs, batch_size):
             with autocast:
                 lp, lp_lengths = model.log_probs(batch.to(model.device), lengths.to(model.device))  # (b, T', V)
             lp, lp_lengths = lp.float().cpu(), lp_lengths.cpu()
