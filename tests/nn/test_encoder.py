@@ -220,6 +220,7 @@ def _saved_bytes(enc, x, n) -> int:
 def test_attention_recompute_keeps_no_score_matrices(conv_encoder):
     enc = conv_encoder.train()
     x, n = torch.randn(2, 80, 24), torch.tensor([80, 61])
+    enc.set_cpu_blocks(False)  # the one-pass paths, where recompute_attention decides
     enc.recompute_attention = False
     stored = _saved_bytes(enc, x, n)
     enc.recompute_attention = True
@@ -229,6 +230,11 @@ def test_attention_recompute_keeps_no_score_matrices(conv_encoder):
     score_bytes = 2 * heads * t * t * 4  # one float32 (B, H, T', T') tensor
     # without recompute: the softmax, its dropout mask and the dropped weights of every layer
     assert stored - lean >= 2 * score_bytes * len(enc.layers)
+    # the CPU path in query blocks keeps no score matrix either: per layer only its bool (B, H, T', T') keep-mask
+    # and key bias, and two (B, T', D) query tensors (q + u, and q + v scaled) that the one-pass path recomputes
+    enc.set_cpu_blocks(True)
+    extra = score_bytes // 4 + 2 * t * 4 + 2 * (2 * t * enc.layers[0].self_att.dim * 4)
+    assert _saved_bytes(enc, x, n) <= lean + extra * len(enc.layers)
 
 
 def test_dropout_rate_is_p():
@@ -240,6 +246,24 @@ def test_dropout_rate_is_p():
         y = dropout_bool_mask(x, p)
         assert abs((y == 0).float().mean().item() - p) < 0.005  # 5 sigma is about 0.0035 here
         torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.1, 0.5, 0.9])
+def test_keep_mask_rate_scale_and_independence(p):
+    from ebranchformer.nn.dropout import keep_mask, keep_scale
+
+    torch.manual_seed(1)
+    n = 1_000_001  # odd: the last 32-bit draw is split in half
+    keep = keep_mask((n,), p, "cpu")
+    assert keep.dtype == torch.bool and keep.shape == (n,)
+    q = round(p * 2**16) / 2**16  # the drop probability actually used
+    assert abs(q - p) <= 2**-17
+    sigma = (q * (1 - q) / n) ** 0.5
+    assert abs((~keep).float().mean().item() - q) < 5 * sigma
+    assert keep_scale(p) == pytest.approx(1 / (1 - q), rel=1e-12)  # E[keep * scale] = 1
+    # the two 16-bit halves of a draw are independent: neighbours drop together at rate q^2
+    both = (~keep[0:-1:2] & ~keep[1::2]).float().mean().item()
+    assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (n // 2)) ** 0.5 + 1e-6
 
 
 def test_dropout_keeps_a_bool_mask(conv_encoder):

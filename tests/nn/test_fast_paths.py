@@ -131,6 +131,7 @@ def test_no_graph_breaks_under_dynamo(conv_encoder):
     import torch._dynamo
 
     x, n = torch.randn(2, 40, 24), torch.tensor([40, 30])
+    conv_encoder.set_cpu_blocks(False)  # their block loops depend on T' (documented)
     for mode in (conv_encoder.eval, conv_encoder.train):
         mode()
         explained = torch._dynamo.explain(conv_encoder)(x, n)
@@ -170,24 +171,50 @@ def test_channels_last_depthwise_conv_equals_conv1d(k, left, right):
         torch.testing.assert_close(a, c, atol=1e-10, rtol=0)
 
 
-@settings(max_examples=25, deadline=None)
+def _output_and_grads(module, inputs, fn, seed):
+    """``fn(module, *inputs)``'s output and the gradients of a fixed random projection of it w.r.t. the module's
+    parameters and the float inputs that require grad; ``seed`` fixes the dropout masks."""
+    module.zero_grad()
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+    torch.manual_seed(seed)
+    y = fn(module, *inputs)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    (y * g).sum().backward()
+    grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+    grads += [t.grad.clone() for t in inputs if isinstance(t, torch.Tensor) and t.grad is not None]
+    return y.detach(), grads
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     kind=st.sampled_from(["conv2d", "conv2d2", "conv2d6", "conv2d8"]),
     lengths=st.lists(st.integers(15, 90), min_size=1, max_size=4),
     padding=st.sampled_from(["masked", "espnet_legacy"]),
     block_bytes=st.sampled_from([1, 5000, 1 << 30]),  # one frame per block ... one block
+    train=st.booleans(),
 )
-def test_chunked_cpu_frontend_equals_plain(kind, lengths, padding, block_bytes):
-    sub = perturb_(Conv2dSubsampling(20, 8, kind=kind)).eval()
-    n = torch.tensor(lengths)
-    x = torch.randn(len(lengths), max(lengths), 20)
-    with torch.no_grad(), mock.patch.object(subsampling, "_BLOCK_BYTES", block_bytes):
-        sub.fast = True
-        fast, n_fast = sub(x, n, padding=padding)
-        sub.fast = False
-        plain, n_plain = sub(x, n, padding=padding)
-    assert torch.equal(n_fast, n_plain)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+def test_chunked_cpu_frontend_equals_plain(kind, lengths, padding, block_bytes, train):
+    # inference (conv_blocks.conv_stack_blocks), and training with the block-wise backward (conv_stack_train):
+    # output and every parameter's gradient
+    sub = perturb_(Conv2dSubsampling(20, 8, kind=kind)).train(train)
+    n, x = torch.tensor(lengths), torch.randn(len(lengths), max(lengths), 20)
+    results = []
+    with torch.set_grad_enabled(train), mock.patch.multiple(
+        subsampling, _BLOCK_BYTES=block_bytes, _TRAIN_BLOCK_BYTES=block_bytes
+    ):
+        for fast in (True, False):
+            sub.fast = fast
+            if train:
+                results.append(_output_and_grads(sub, (x, n), lambda m, x, n: m(x, n, padding=padding)[0], 0))
+            else:
+                results.append((sub(x, n, padding=padding)[0], []))
+    (y_fast, g_fast), (y_plain, g_plain) = results
+    torch.testing.assert_close(y_fast, y_plain, atol=1e-5, rtol=0)
+    assert len(g_fast) == len(g_plain) == (2 * len(sub.convs) + 2 if train else 0)
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # sums over up to 4 x 90 x 20 products
 
 
 def test_chunked_cpu_frontend_under_bf16_autocast():
@@ -230,3 +257,54 @@ def test_blocked_cpu_attention_equals_plain(lengths, heads, block_bytes, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(blocked, plain, atol=tol, rtol=0)
     torch.testing.assert_close(one_pass, plain, atol=tol, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    heads=st.sampled_from([1, 2, 4]),
+    block_bytes=st.sampled_from([1, 3000, 1 << 30]),  # blocks of 16 rows ... one block
+    relpos=st.booleans(),
+    dropout=st.sampled_from([0.0, 0.3]),
+)
+def test_blocked_cpu_attention_training_equals_plain(lengths, heads, block_bytes, relpos, dropout):
+    # blocked_attention.attend_blocks_train: the same dropout masks (drawn as the plain path's Dropout draws them),
+    # outputs, and gradients w.r.t. the input and every parameter
+    from ebranchformer.nn import attention
+
+    att = RelPosSelfAttention(16, heads, att_dropout=dropout) if relpos else SelfAttention(16, heads)
+    att = perturb_(att).double().train()
+    att.att_dropout = att.dropout.p = dropout
+    t = max(lengths)
+    x, valid = torch.randn(len(lengths), t, 16, dtype=torch.float64, requires_grad=True), _valid(lengths, t)
+    results = []
+    with mock.patch.object(attention, "_TRAIN_BLOCK_BYTES", block_bytes):
+        for fast in (True, False):
+            att.fast = fast
+            results.append(_output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 3))
+    (y_fast, g_fast), (y_plain, g_plain) = results
+    assert len(g_fast) == len(g_plain) == len(list(att.parameters())) + 1
+    torch.testing.assert_close(y_fast, y_plain, atol=1e-12, rtol=0)
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_blocked_cpu_attention_training_float32_and_bf16():
+    from ebranchformer.nn import attention
+
+    att = perturb_(RelPosSelfAttention(32, 4, att_dropout=0.1)).train()
+    x, valid = torch.randn(3, 50, 32, requires_grad=True), _valid([50, 37, 9], 50)
+    with mock.patch.object(attention, "_TRAIN_BLOCK_BYTES", 3000):
+        att.fast = False
+        y_ref, g_ref = _output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 4)
+        att.fast = True
+        y, g = _output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 4)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16, g16 = _output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 4)
+    # bf16 autocast: within bf16 rounding (8 bits of mantissa) of the float32 result, relative to its scale
+    assert (y16.float() - y_ref).abs().max() <= 0.03 * y_ref.abs().max()
+    for a, b in zip(g16, g_ref):
+        assert (a.float() - b).abs().max() <= 0.03 * b.abs().max()

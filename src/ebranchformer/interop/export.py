@@ -166,10 +166,7 @@ def _prepared(model: nn.Module, fast: bool) -> nn.Module:
             enc.config.padding,
         )
         enc.config = dataclasses.replace(enc.config, padding="masked")
-    enc.set_fast_path(fast)
-    for m in enc.modules():
-        if hasattr(m, "chunked"):
-            m.chunked = False  # CPU block loops depend on T: one graph for every length needs one pass
+    enc.set_fast_path(fast).set_cpu_blocks(False)  # CPU block loops depend on T: one graph needs one pass
     return model
 
 

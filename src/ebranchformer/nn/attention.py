@@ -11,14 +11,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import register
-from .dropout import Dropout
+from .blocked_attention import attend_blocks, attend_blocks_train, block_rows
+from .dropout import Dropout, keep_mask
 from .norm import LayerNorm
 from .posenc import legacy_rel_pos_table, rel_pos_table
 
 __all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legacy"]
 
 _HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
-_BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) bias on the blocked CPU path
+_BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) scores on the blocked CPU path (inference)
+_TRAIN_BLOCK_BYTES = 4 << 20  # ... and in training
 
 
 def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
@@ -70,6 +72,27 @@ class _MultiHeadBase(nn.Module):
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, dk)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, dk) each
         return q, k, v
+
+    def _cpu_blocks(self, q: torch.Tensor) -> bool:
+        """The blocked CPU path: inference (no gradients) and training (eval mode with gradients, e.g. in
+        ``torch.export``, takes the one-pass path)."""
+        return self.fast and self.chunked and q.is_cpu and (self.training or not torch.is_grad_enabled())
+
+    def _blocked(
+        self, qu: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qv: torch.Tensor | None, p: torch.Tensor | None,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The CPU path in blocks of queries (:mod:`.blocked_attention`): qu, k, v, qv (pre-scaled) (B, H, T, dk),
+        p (H, 2T-1, dk) or None; returns (B, T, D). With gradients, the dropout keep-mask is drawn here as the
+        plain path's ``Dropout`` draws it."""
+        b, h, t, _ = qu.shape
+        key_bias = torch.zeros((b, 1, 1, t), dtype=(qu if qv is None else qv).dtype, device=qu.device)
+        key_bias = key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))  # (B, 1, 1, T)
+        if not torch.is_grad_enabled():
+            return attend_blocks(qu, k, v, qv, p, key_bias, block_rows(b, h, t, _BLOCK_BYTES))
+        drop = self.att_dropout if self.training else 0.0
+        keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
+        return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block_rows(b, h, t, _TRAIN_BLOCK_BYTES))
 
     def _core(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """``fn(*args)``, checkpointed in training when ``recompute`` is set."""
@@ -174,6 +197,9 @@ class RelPosSelfAttention(_MultiHeadBase):
             table = rel_pos_table(t, self.dim, device=x.device, dtype=x.dtype)  # (2T-1, D)
         p = self.linear_pos(self.pos_emb_dropout(table))  # (P, D), P = 2T-1 (latest) or T (legacy)
         p = p.view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, P, dk)
+        if self._cpu_blocks(q) and not (self.legacy or self.zero_triu):
+            qv = (q + self.pos_bias_v[:, None, :]) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, dk)
+            return self.out_proj(self._blocked(q + self.pos_bias_u[:, None, :], k, v, qv, p, valid))
         return self.out_proj(self._core(self._scores_and_attend, q, k, v, p, valid))
 
     def _scores_and_attend(
@@ -183,42 +209,11 @@ class RelPosSelfAttention(_MultiHeadBase):
         qv = q + self.pos_bias_v[:, None, :]  # (B, H, T, dk)
         if self.fast:
             qv = qv * (1.0 / math.sqrt(dk))  # _attend's fast path takes the bias pre-scaled
-            if self.chunked and not (self.legacy or self.zero_triu or torch.is_grad_enabled()) and q.is_cpu:
-                return self._attend_in_blocks(q + self.pos_bias_u[:, None, :], k, v, qv, p, valid)
         bd = torch.matmul(qv, p.transpose(-2, -1))  # (B, H, T, P)
         bd = rel_shift_legacy(bd) if self.legacy else rel_shift(bd, fast=self.fast)  # (B, H, T, T)
         if self.zero_triu:
             bd = bd * torch.ones(t, t, device=q.device, dtype=bd.dtype).tril()
         return self._attend(q + self.pos_bias_u[:, None, :], k, v, bd, valid)
-
-    def _attend_in_blocks(
-        self, qu: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qv: torch.Tensor, p: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
-        """The CPU inference path of the fast attention: queries in blocks of r rows. A block's positional scores
-        need only the T + r - 1 table rows its distances reach (not 2T - 1), and its (B, H, r, T) bias stays in
-        cache instead of a (B, H, T, 2T-1) tensor going through memory (1.5-2x faster attention at T' = 500)."""
-        b, h, t, dk = qu.shape
-        r = max(16, _BLOCK_BYTES // (4 * b * h * t))
-        key_bias = torch.zeros((b, 1, 1, t), dtype=qv.dtype, device=qv.device).masked_fill_(
-            ~valid[:, None, None, :], float("-inf")
-        )  # (B, 1, 1, T)
-        outs = []
-        for a in range(0, t, r):
-            e = min(a + r, t)
-            n, lo, hi = e - a, t - e, 2 * t - 1 - a  # query rows a..e-1 reach table rows lo..hi-1
-            w = hi - lo  # T + n - 1
-            # one (B*n, dk) x (dk, w) product per head (p is not expanded over the batch)
-            qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk)  # (H, B*n, dk)
-            bd = torch.bmm(qh, p[:, lo:hi].transpose(1, 2))  # (H, B*n, w)
-            # row i (query a + i) takes table row T-1-(a+i)+j, i.e. local column n-1-i+j
-            bd = bd.as_strided((b, h, n, t), (n * w, b * n * w, w - 1, 1), n - 1)  # (B, H, n, T)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    qu[:, :, a:e], k, v, attn_mask=bd + key_bias, scale=1.0 / math.sqrt(dk)
-                )  # (B, H, n, dk)
-            )
-        o = torch.cat(outs, dim=2)  # (B, H, T, dk)
-        return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
 
 
 @register
@@ -259,4 +254,6 @@ class SelfAttention(_MultiHeadBase):
         q, k, v = self._qkv(x)  # (B, H, T, dk)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self._cpu_blocks(q) and self.training:  # inference: SDPA's CPU flash kernel is blocked already
+            return self.out_proj(self._blocked(q, k, v, None, None, valid))
         return self.out_proj(self._core(self._attend, q, k, v, None, valid))

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["Dropout", "dropout_bool_mask"]
+__all__ = ["Dropout", "dropout_bool_mask", "keep_mask", "keep_scale"]
+
+_LEVELS = 1 << 16  # the drop probability is a multiple of 2^-16
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
+    """A bool keep-mask of ``shape``, each entry independently False with probability round(p * 2^16) / 2^16
+    (0.1 -> 0.1000061).
+
+    Drawn from torch's generator as 16-bit uniform integers, two per 32-bit draw: on the CPU, where the random
+    draws dominate, that halves their cost (the float ``uniform >= p`` was 9% of a LibriSpeech-100 training step,
+    and ``bernoulli_`` is 1.5-2x slower still). :func:`keep_scale` gives the matching 1 / P(keep).
+    """
+    n = math.prod(shape)
+    # randint's exclusive upper bound leaves out one of 2^32 values (2^-32 of bias), but a full 2^32 range would
+    # make it draw 64 bits per value
+    bits = torch.randint(-(1 << 31), (1 << 31) - 1, ((n + 1) // 2,), dtype=torch.int32, device=device)
+    u16 = bits.view(torch.int16)[:n]  # (n,) uniform over [-2^15, 2^15)
+    return (u16 >= _drop_levels(p) - (_LEVELS >> 1)).view(shape)
+
+
+def keep_scale(p: float) -> float:
+    """1 / P(keep) for :func:`keep_mask`'s drop probability p: the factor that keeps the expectation unchanged."""
+    return _LEVELS / (_LEVELS - _drop_levels(p))
+
+
+def _drop_levels(p: float) -> int:
+    return round(p * _LEVELS)
 
 
 def dropout_bool_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Elementwise dropout that keeps a bool mask for backward (``F.dropout`` keeps a float one on the CPU, 4x the
-    memory) and draws it as ``uniform >= p`` (float32), which on the CPU is 1.5-2x faster than ``bernoulli_``."""
-    keep = torch.rand(x.shape, device=x.device) >= p  # (..., D) bool, P(keep) = 1 - p
-    return (x * keep).mul_(1.0 / (1.0 - p))
+    memory)."""
+    return (x * keep_mask(x.shape, p, x.device)).mul_(keep_scale(p))  # (..., D)
 
 
 class Dropout(nn.Module):

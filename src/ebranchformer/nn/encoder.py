@@ -143,7 +143,9 @@ class ConformerEncoder(nn.Module):
     def recompute_attention(self) -> bool:
         """Training memory: the attention layers keep q, k and v for backward and recompute their (B, H, T', T')
         scores, softmax and dropout there instead of storing three such tensors per layer (Default: ``True``;
-        the values and gradients are the same). Off while ``gradient_checkpointing`` recomputes whole layers."""
+        the values and gradients are the same). Off while ``gradient_checkpointing`` recomputes whole layers.
+        The CPU path in blocks of queries (``chunked``, :mod:`~ebranchformer.nn.blocked_attention`) always works
+        this way, keeping only the bool dropout mask."""
         return self._recompute_attention
 
     @recompute_attention.setter
@@ -194,6 +196,15 @@ class ConformerEncoder(nn.Module):
         for m in self.modules():
             if hasattr(m, "fast"):
                 m.fast = bool(enabled)
+        return self
+
+    def set_cpu_blocks(self, enabled: bool) -> ConformerEncoder:
+        """Switch the CPU paths that run the conv2d frontend and the attention in blocks (``chunked``) on or off.
+        Their Python block loops depend on T', so turn them off for one graph for every length (``torch.export``,
+        ``torch.compile(dynamic=True)``)."""
+        for m in self.modules():
+            if hasattr(m, "chunked"):
+                m.chunked = bool(enabled)
         return self
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:

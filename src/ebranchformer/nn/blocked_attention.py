@@ -1,0 +1,132 @@
+"""Attention over blocks of queries, the CPU path of :class:`~ebranchformer.nn.attention.RelPosSelfAttention`
+and :class:`~ebranchformer.nn.attention.SelfAttention`.
+
+A block of r queries needs only the T + r - 1 rows of the (2T-1)-row position table its distances reach, and its
+(B, H, r, T) scores stay in cache instead of (B, H, T, T) and (B, H, T, 2T-1) tensors going through memory.
+
+- Inference (:func:`attend_blocks`): SDPA per block with the positional bias as its mask (1.6x faster attention
+  at T' = 500, 1.7x at T' = 2000).
+- Training (:func:`attend_blocks_train`): an autograd function whose forward keeps only its inputs and the dropout
+  keep-mask (bool), and whose backward recomputes each block's scores and softmax (FlashAttention's scheme, with
+  the positional term's gradient gathered back onto the table).
+
+Notation: ``qu`` (B, H, T, dk) are the queries that meet the keys (q + u for Transformer-XL attention), ``qv``
+the queries that meet the position table, already scaled by 1/sqrt(dk), ``p`` (H, 2T-1, dk) the projected table
+with row m for distance T-1-m, ``key_bias`` (B, 1, 1, T) 0 on valid keys and -inf on padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dropout import keep_scale
+
+__all__ = ["attend_blocks", "attend_blocks_train", "block_rows"]
+
+_HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
+
+
+def block_rows(b: int, h: int, t: int, block_bytes: int) -> int:
+    """Queries per block so that a block's (B, H, r, T) float32 scores take about ``block_bytes``."""
+    return max(16, block_bytes // (4 * b * h * t))
+
+
+def _pos_bias(qv: torch.Tensor, p: torch.Tensor, a: int, e: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The positional scores of query rows [a, e): the (H, B*n, w) product of those rows with the w = T + n - 1
+    table rows they reach (table rows lo..hi-1), and its (B, H, n, T) view by key, which is what the scores add."""
+    b, h, t, dk = qv.shape
+    n, lo, hi = e - a, t - e, 2 * t - 1 - a
+    w = hi - lo
+    qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk)  # (H, B*n, dk)
+    local = torch.bmm(qh, p[:, lo:hi].transpose(1, 2))  # (H, B*n, w); p is not expanded over the batch
+    # row i (query a + i) takes table row T-1-(a+i)+j, i.e. local column n-1-i+j
+    return local, _by_key(local, b, h, n, t), lo, hi
+
+
+def _by_key(local: torch.Tensor, b: int, h: int, n: int, t: int) -> torch.Tensor:
+    w = local.shape[-1]
+    return local.as_strided((b, h, n, t), (n * w, b * n * w, w - 1, 1), local.storage_offset() + n - 1)
+
+
+def attend_blocks(qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
+    """Inference: softmax(qu k^T / sqrt(dk) + positional bias + key_bias) v in blocks of ``block`` queries
+    (``qv``/``p`` None: no positional term). Returns (B, T, H*dk)."""
+    b, h, t, dk = qu.shape
+    outs = []
+    for a in range(0, t, block):
+        e = min(a + block, t)
+        mask = key_bias if p is None else _pos_bias(qv, p, a, e)[1] + key_bias  # (B, H, n, T)
+        outs.append(F.scaled_dot_product_attention(qu[:, :, a:e], k, v, attn_mask=mask, scale=1.0 / math.sqrt(dk)))
+    o = torch.cat(outs, dim=2)  # (B, H, T, dk)
+    return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
+
+
+def _probs(qu, k, qv, p, key_bias, a: int, e: int):
+    """Softmax probabilities (B, H, n, T) of query rows [a, e), in qu's dtype (computed in float32 for half)."""
+    s = torch.matmul(qu[:, :, a:e], k.transpose(-2, -1))  # (B, H, n, T)
+    s = s.mul_(1.0 / math.sqrt(qu.shape[-1]))
+    if p is not None:
+        s = s.add_(_pos_bias(qv, p, a, e)[1])
+    s = s.add_(key_bias)
+    return torch.softmax(s, dim=-1, dtype=torch.float32 if s.dtype in _HALF else None).to(s.dtype)
+
+
+class _AttendBlocks(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale: float, block: int):
+        b, h, t, dk = qu.shape
+        outs = []
+        for a in range(0, t, block):
+            att = _probs(qu, k, qv, p, key_bias, a, min(a + block, t))  # (B, H, n, T)
+            if keep is not None:
+                att = att.mul_(keep[:, :, a : a + block]).mul_(keep_scale)
+            outs.append(torch.matmul(att, v).transpose(1, 2))  # (B, n, H, dk)
+        o = torch.cat(outs, dim=1)  # (B, T, H, dk)
+        ctx.save_for_backward(qu, k, v, qv, p, key_bias, keep)
+        ctx.keep_scale, ctx.block = keep_scale, block
+        return o.view(b, t, h * dk)  # (B, T, D)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, go):
+        qu, k, v, qv, p, key_bias, keep = ctx.saved_tensors
+        b, h, t, dk = qu.shape
+        scale = 1.0 / math.sqrt(dk)
+        go = go.reshape(b, t, h, dk)  # (B, T, H, dk)
+        dqu, dk_, dv = torch.empty_like(qu), torch.zeros_like(k), torch.zeros_like(v)
+        dqv = None if qv is None else torch.empty_like(qv)
+        dp = None if p is None else torch.zeros_like(p)
+        for a in range(0, t, ctx.block):
+            e = min(a + ctx.block, t)
+            n = e - a
+            att = _probs(qu, k, qv, p, key_bias, a, e)  # (B, H, n, T)
+            gob = go[:, a:e].transpose(1, 2).to(att.dtype)  # (B, H, n, dk)
+            dropped = att if keep is None else att * keep[:, :, a:e] * ctx.keep_scale
+            dv += torch.matmul(dropped.transpose(-2, -1), gob)  # (B, H, T, dk)
+            ds = torch.matmul(gob, v.to(att.dtype).transpose(-2, -1))  # d(dropped) (B, H, n, T)
+            if keep is not None:
+                ds = ds.mul_(keep[:, :, a:e]).mul_(ctx.keep_scale)  # d(att)
+            # softmax backward: ds = att * (d(att) - sum_j d(att)_j att_j)
+            ds = ds.sub_((ds * att).sum(-1, keepdim=True)).mul_(att)  # d(scores) (B, H, n, T)
+            dqu[:, :, a:e] = torch.matmul(ds, k.to(ds.dtype)) * scale
+            dk_ += torch.matmul(ds.transpose(-2, -1), qu[:, :, a:e].to(ds.dtype)) * scale
+            if p is not None:
+                lo, hi = t - e, 2 * t - 1 - a
+                local = ds.new_zeros(h, b * n, hi - lo)  # (H, B*n, w), as in _pos_bias
+                _by_key(local, b, h, n, t).copy_(ds)
+                qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk).to(ds.dtype)  # (H, B*n, dk)
+                dqv[:, :, a:e] = torch.bmm(local, p[:, lo:hi].to(ds.dtype)).view(h, b, n, dk).transpose(0, 1)
+                dp[:, lo:hi] += torch.bmm(local.transpose(1, 2), qh)  # (H, w, dk)
+        return dqu, dk_, dv, dqv, dp, None, None, None, None
+
+
+def attend_blocks_train(qu, k, v, qv, p, key_bias, keep: torch.Tensor | None, drop_p: float, block: int):
+    """Training (and any CPU pass that needs gradients): the same attention with dropout on the probabilities
+    (``keep`` (B, H, T, T) bool from :func:`~.dropout.keep_mask`, kept entries scaled by
+    :func:`~.dropout.keep_scale` of ``drop_p``; None: no dropout). Returns (B, T, H*dk); gradients reach qu, k, v,
+    qv and p."""
+    return _AttendBlocks.apply(qu, k, v, qv, p, key_bias, keep, keep_scale(drop_p), block)

@@ -1,0 +1,121 @@
+"""The conv2d frontends' CPU path: the conv stack run over blocks of output frames.
+
+Every conv of ``Conv2dSubsampling`` is "valid", so output frames [a, a + r) of the last conv need exactly input
+frames [a * S, (a + r - 1) * S + R) (stride product S, receptive field R), and no block sees another's output.
+A block's wide first-conv output then stays in cache instead of a (B, C, T/2, F/2) tensor going through memory.
+
+- Inference (:func:`conv_stack_blocks`): 1.6x faster than one pass on the LibriSpeech-100 frontend.
+- Training (:func:`conv_stack_train`): the forward keeps only the input and the last ReLU's output; the backward
+  recomputes each block's inner convs (the cheap ones: the first conv has one input channel) and runs the
+  convolutions' backward block by block, in cache. On the LibriSpeech-100 frontend (8 x 2000 frames) its forward
+  plus backward takes 0.64-0.68x the time of the one-pass autograd path, and the (B, C, T/2, F/2) activations are
+  never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["block_spans", "conv_stack_blocks", "conv_stack_train"]
+
+Convs = list[tuple[int, int]]  # (kernel, stride) per conv, square, no padding
+
+
+def block_spans(convs: Convs, t_out: int, step: int) -> list[list[tuple[int, int]]]:
+    """For each block of ``step`` last-conv output frames: the frame span [lo, hi) of every conv's input, then the
+    block's output span."""
+    blocks = []
+    for a in range(0, t_out, step):
+        lo, hi = a, min(a + step, t_out)
+        spans = [(lo, hi)]
+        for k, s in reversed(convs):
+            lo, hi = lo * s, (hi - 1) * s + k
+            spans.append((lo, hi))
+        spans.reverse()  # spans[l]: frames of conv l's input; spans[-1]: output frames
+        blocks.append(spans)
+    return blocks
+
+
+def _block(x0, convs, weights, valids, spans, last: bool = True):
+    """One block's forward: the (masked) input of every conv, and the last conv's ReLU output (B, C, r, F')
+    (None with ``last=False``, which skips the last conv)."""
+    lo, hi = spans[0]
+    h = x0[:, :, lo:hi]  # (B, 1, frames, F)
+    hs = []
+    for li, ((_, s), (w, b)) in enumerate(zip(convs, weights)):
+        if valids is not None:
+            lo, hi = spans[li]
+            h = h * valids[li][:, :, lo:hi].to(h.dtype)
+        hs.append(h)
+        if li == len(convs) - 1 and not last:
+            return hs, None
+        h = F.relu(F.conv2d(h, w, b, s))  # (B, C, frames', F'), channels-last
+    return hs, h
+
+
+def _channels_last_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x[:, None].to(dtype).contiguous(memory_format=torch.channels_last)  # (B, 1, T, F)
+
+
+def conv_stack_blocks(x, convs: Convs, weights, valids, step: int, project) -> torch.Tensor:
+    """Inference: x (B, T, F) through the convs (``weights`` [(w, b)], ``valids`` per conv (B, 1, T_l, 1) or None),
+    ``project`` applied to each block's flattened (B, r, C*F') output (channel-major); returns (B, T', D)."""
+    dtype = weights[0][0].dtype
+    x0 = _channels_last_input(x, dtype)
+    t_out = _out_frames(x.shape[1], convs)
+    outs = []
+    for spans in block_spans(convs, t_out, step):
+        h = _block(x0, convs, weights, valids, spans)[1]
+        b, c, r, f = h.shape
+        outs.append(project(h.transpose(1, 2).reshape(b, r, c * f)))  # (B, r, C*F') -> (B, r, D)
+    return torch.cat(outs, dim=1)  # (B, T', D)
+
+
+def _out_frames(t: int, convs: Convs) -> int:
+    for k, s in convs:
+        t = (t - k) // s + 1
+    return t
+
+
+_conv_backward = torch.ops.aten.convolution_backward
+
+
+class _ConvStack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, convs, valids, step, *params):  # params: w0, b0, w1, b1, ...
+        weights = list(zip(params[0::2], params[1::2]))
+        blocks = block_spans(convs, _out_frames(x0.shape[2], convs), step)
+        y = torch.cat([_block(x0, convs, weights, valids, sp)[1].permute(0, 2, 3, 1) for sp in blocks], dim=1)
+        ctx.save_for_backward(x0, y, *params)  # y: (B, T', F', C)
+        ctx.convs, ctx.valids, ctx.blocks = convs, valids, blocks
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x0, y, *params = ctx.saved_tensors
+        convs = ctx.convs
+        weights = list(zip(params[0::2], params[1::2]))
+        grads = [torch.zeros_like(p) for p in params]
+        for spans in ctx.blocks:
+            hs = _block(x0, convs, weights, ctx.valids, spans, last=False)[0]  # recompute the inner convs
+            lo, hi = spans[-1]
+            g = (gy[:, lo:hi] * (y[:, lo:hi] > 0)).permute(0, 3, 1, 2)  # (B, C, r, F'), through the last ReLU
+            g = g.contiguous(memory_format=torch.channels_last)
+            for li in reversed(range(len(convs))):
+                s, w = convs[li][1], weights[li][0]
+                gin, gw, gb = _conv_backward(
+                    g, hs[li], w, [w.shape[0]], [s, s], [0, 0], [1, 1], False, [0, 0], 1, [li > 0, True, True]
+                )
+                grads[2 * li] += gw
+                grads[2 * li + 1] += gb
+                if li > 0:  # through the mask and the ReLU that made this conv's input (both zero where hs is)
+                    g = gin * (hs[li] > 0)
+        return (None, None, None, None, *grads)
+
+
+def conv_stack_train(x, convs: Convs, weights, valids, step: int) -> torch.Tensor:
+    """Training: the same conv stack with a block-wise backward. Returns (B, T', F', C) (channels last); its
+    gradients reach the conv weights and biases, not ``x``."""
+    params = [t for wb in weights for t in wb]
+    return _ConvStack.apply(_channels_last_input(x, params[0].dtype), convs, valids, step, *params)
