@@ -74,53 +74,70 @@ def _probs(qu, k, qv, p, key_bias, a: int, e: int):
     return torch.softmax(s, dim=-1, dtype=torch.float32 if s.dtype in _HALF else None).to(s.dtype)
 
 
+def _keep_factor(keep, a: int, e: int, scale: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """Query rows [a, e) of the dropout keep-mask as 0 / 1/P(keep) in ``dtype`` (B, H, n, T): one conversion,
+    then plain same-dtype products (a bool x float product takes the slow mixed-dtype path)."""
+    return None if keep is None else keep[:, :, a:e].to(dtype).mul_(scale)
+
+
 class _AttendBlocks(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale: float, block: int):
         b, h, t, dk = qu.shape
+        # k and v arrive as strided views of the fused qkv projection: one copy here, not one per block
+        k, v = k.contiguous(), v.contiguous()  # (B, H, T, dk)
         outs = []
         for a in range(0, t, block):
-            att = _probs(qu, k, qv, p, key_bias, a, min(a + block, t))  # (B, H, n, T)
-            if keep is not None:
-                att = att.mul_(keep[:, :, a : a + block]).mul_(keep_scale)
-            outs.append(torch.matmul(att, v).transpose(1, 2))  # (B, n, H, dk)
+            e = min(a + block, t)
+            att = _probs(qu, k, qv, p, key_bias, a, e)  # (B, H, n, T)
+            kf = _keep_factor(keep, a, e, keep_scale, att.dtype)
+            outs.append(torch.matmul(att if kf is None else att.mul_(kf), v).transpose(1, 2))  # (B, n, H, dk)
         o = torch.cat(outs, dim=1)  # (B, T, H, dk)
-        ctx.save_for_backward(qu, k, v, qv, p, key_bias, keep)
+        ctx.save_for_backward(qu, k, v, qv, p, key_bias, keep, o)
         ctx.keep_scale, ctx.block = keep_scale, block
         return o.view(b, t, h * dk)  # (B, T, D)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, go):
-        qu, k, v, qv, p, key_bias, keep = ctx.saved_tensors
+        qu, k, v, qv, p, key_bias, keep, o = ctx.saved_tensors
         b, h, t, dk = qu.shape
         scale = 1.0 / math.sqrt(dk)
         go = go.reshape(b, t, h, dk)  # (B, T, H, dk)
-        dqu, dk_, dv = torch.empty_like(qu), torch.zeros_like(k), torch.zeros_like(v)
+        dqu, dk_, dv = torch.empty_like(qu), torch.zeros_like(k), torch.zeros_like(v)  # k, v: contiguous
         dqv = None if qv is None else torch.empty_like(qv)
         dp = None if p is None else torch.zeros_like(p)
+        dk3, dv3 = dk_.view(b * h, t, dk), dv.view(b * h, t, dk)  # (B*H, T, dk) views to accumulate into
         for a in range(0, t, ctx.block):
             e = min(a + ctx.block, t)
             n = e - a
             att = _probs(qu, k, qv, p, key_bias, a, e)  # (B, H, n, T)
+            kf = _keep_factor(keep, a, e, ctx.keep_scale, att.dtype)
             gob = go[:, a:e].transpose(1, 2).to(att.dtype)  # (B, H, n, dk)
-            dropped = att if keep is None else att * keep[:, :, a:e] * ctx.keep_scale
-            dv += torch.matmul(dropped.transpose(-2, -1), gob)  # (B, H, T, dk)
+            dropped = att if kf is None else att * kf
+            dv3.baddbmm_(dropped.view(b * h, n, t).transpose(1, 2), gob.reshape(b * h, n, dk))
             ds = torch.matmul(gob, v.to(att.dtype).transpose(-2, -1))  # d(dropped) (B, H, n, T)
-            if keep is not None:
-                ds = ds.mul_(keep[:, :, a:e]).mul_(ctx.keep_scale)  # d(att)
-            # softmax backward: ds = att * (d(att) - sum_j d(att)_j att_j)
-            ds = ds.sub_((ds * att).sum(-1, keepdim=True)).mul_(att)  # d(scores) (B, H, n, T)
-            dqu[:, :, a:e] = torch.matmul(ds, k.to(ds.dtype)) * scale
-            dk_ += torch.matmul(ds.transpose(-2, -1), qu[:, :, a:e].to(ds.dtype)) * scale
+            if kf is not None:
+                ds = ds.mul_(kf)  # d(att)
+            # softmax backward: d(scores) = att * (d(att) - sum_j d(att)_j att_j). In float32 that sum is the row's
+            # d(out) . out (FlashAttention's trick: no (B, H, n, T) product to reduce); in bf16, out's rounding
+            # would enter the difference, so the sum is taken directly, in float32.
+            if ds.dtype in _HALF:
+                rowdot = (ds * att).sum(-1, keepdim=True, dtype=torch.float32).to(ds.dtype)  # (B, H, n, 1)
+            else:
+                rowdot = (gob * o[:, a:e].transpose(1, 2)).sum(-1, keepdim=True)  # (B, H, n, 1)
+            ds = ds.sub_(rowdot).mul_(att)  # d(scores) (B, H, n, T)
+            dqu[:, :, a:e] = torch.matmul(ds, k.to(ds.dtype)).mul_(scale)
+            dk3.baddbmm_(ds.view(b * h, n, t).transpose(1, 2), qu[:, :, a:e].reshape(b * h, n, dk).to(ds.dtype),
+                         alpha=scale)  # fmt: skip
             if p is not None:
                 lo, hi = t - e, 2 * t - 1 - a
                 local = ds.new_zeros(h, b * n, hi - lo)  # (H, B*n, w), as in _pos_bias
                 _by_key(local, b, h, n, t).copy_(ds)
                 qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk).to(ds.dtype)  # (H, B*n, dk)
                 dqv[:, :, a:e] = torch.bmm(local, p[:, lo:hi].to(ds.dtype)).view(h, b, n, dk).transpose(0, 1)
-                dp[:, lo:hi] += torch.bmm(local.transpose(1, 2), qh)  # (H, w, dk)
+                dp[:, lo:hi].baddbmm_(local.transpose(1, 2), qh)  # (H, w, dk)
         return dqu, dk_, dv, dqv, dp, None, None, None, None
 
 
