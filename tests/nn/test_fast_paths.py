@@ -234,6 +234,25 @@ def test_chunked_cpu_frontend_under_bf16_autocast():
     assert (plain.float() - ref).abs().max() <= 0.02 * scale
 
 
+def test_cpu_frontend_training_under_bf16_autocast():
+    # the block-wise backward under autocast: bf16 output, float32 parameter gradients near the float32 ones, and
+    # within 1% of the plain path's under autocast
+    sub = perturb_(Conv2dSubsampling(80, 64)).train()
+    x, n = torch.randn(3, 300, 80), torch.tensor([300, 211, 40])
+    results = []
+    with mock.patch.object(subsampling, "_TRAIN_BLOCK_BYTES", 100_000):
+        for fast, low in ((False, False), (True, True), (False, True)):
+            sub.fast = fast
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+                results.append(_output_and_grads(sub, (x, n), lambda m, x, n: m(x, n)[0], 0))
+    (y_ref, g_ref), (y_fast, g_fast), (y_plain, g_plain) = results
+    assert y_fast.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in g_fast)
+    assert (y_fast.float() - y_ref).abs().max() <= 0.02 * y_ref.abs().max()
+    for a, b, c in zip(g_fast, g_ref, g_plain):
+        assert (a - b).abs().max() <= 0.1 * b.abs().max()  # bf16 sums over ~10^5 products (5% seen in both paths)
+        assert (a - c).abs().max() <= 0.01 * c.abs().max()
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4),

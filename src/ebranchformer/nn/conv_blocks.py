@@ -96,7 +96,7 @@ class _ConvStack(torch.autograd.Function):
         x0, y, *params = ctx.saved_tensors
         convs = ctx.convs
         weights = list(zip(params[0::2], params[1::2]))
-        grads = [torch.zeros_like(p) for p in params]
+        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]  # summed over blocks
         for spans in ctx.blocks:
             hs = _block(x0, convs, weights, ctx.valids, spans, last=False)[0]  # recompute the inner convs
             lo, hi = spans[-1]
@@ -111,7 +111,7 @@ class _ConvStack(torch.autograd.Function):
                 grads[2 * li + 1] += gb
                 if li > 0:  # through the mask and the ReLU that made this conv's input (both zero where hs is)
                     g = gin * (hs[li] > 0)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 
 def conv_stack_train(x, convs: Convs, weights, valids, step: int) -> torch.Tensor:
