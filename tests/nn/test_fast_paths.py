@@ -301,9 +301,14 @@ def test_blocked_cpu_attention_training_equals_plain(lengths, heads, block_bytes
         for fast in (True, False):
             att.fast = fast
             results.append(_output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 3))
+        with torch.no_grad():  # train mode without gradients: still with dropout, the same masks
+            att.fast = True
+            torch.manual_seed(3)
+            y_no_grad = att(x, valid)
     (y_fast, g_fast), (y_plain, g_plain) = results
     assert len(g_fast) == len(g_plain) == len(list(att.parameters())) + 1
     torch.testing.assert_close(y_fast, y_plain, atol=1e-12, rtol=0)
+    torch.testing.assert_close(y_no_grad, y_plain, atol=1e-12, rtol=0)
     for a, b in zip(g_fast, g_plain):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
 

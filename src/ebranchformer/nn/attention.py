@@ -88,9 +88,9 @@ class _MultiHeadBase(nn.Module):
         b, h, t, _ = qu.shape
         key_bias = torch.zeros((b, 1, 1, t), dtype=(qu if qv is None else qv).dtype, device=qu.device)
         key_bias = key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))  # (B, 1, 1, T)
-        if not torch.is_grad_enabled():
-            return attend_blocks(qu, k, v, qv, p, key_bias, block_rows(b, h, t, _BLOCK_BYTES))
         drop = self.att_dropout if self.training else 0.0
+        if not torch.is_grad_enabled() and drop == 0.0:
+            return attend_blocks(qu, k, v, qv, p, key_bias, block_rows(b, h, t, _BLOCK_BYTES))
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block_rows(b, h, t, _TRAIN_BLOCK_BYTES))
 
