@@ -253,7 +253,7 @@ def test_keep_mask_rate_scale_and_independence(p):
     from ebranchformer.nn.dropout import keep_mask, keep_scale
 
     torch.manual_seed(1)
-    n = 1_000_001  # odd: the last 32-bit draw is split in half
+    n = 1_000_001  # not a multiple of 4: only part of the last 64-bit draw is used
     keep = keep_mask((n,), p, "cpu")
     assert keep.dtype == torch.bool and keep.shape == (n,)
     q = round(p * 2**16) / 2**16  # the drop probability actually used
@@ -261,9 +261,10 @@ def test_keep_mask_rate_scale_and_independence(p):
     sigma = (q * (1 - q) / n) ** 0.5
     assert abs((~keep).float().mean().item() - q) < 5 * sigma
     assert keep_scale(p) == pytest.approx(1 / (1 - q), rel=1e-12)  # E[keep * scale] = 1
-    # the two 16-bit halves of a draw are independent: neighbours drop together at rate q^2
-    both = (~keep[0:-1:2] & ~keep[1::2]).float().mean().item()
-    assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (n // 2)) ** 0.5 + 1e-6
+    # the four 16-bit parts of a draw are independent: neighbours drop together at rate q^2
+    for shift in (1, 2, 3):
+        both = (~keep[:-shift] & ~keep[shift:]).float().mean().item()
+        assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (n // 4)) ** 0.5 + 1e-6
 
 
 def test_dropout_keeps_a_bool_mask(conv_encoder):
