@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +172,30 @@ def test_existing_checkpoints_without_resume_are_refused(trained):
     cfg, _ = trained
     with pytest.raises(ValueError, match="resume"):
         train(cfg.replace(checkpoint=cfg.checkpoint.replace(resume=False)))
+
+
+def test_rerun_with_other_tokenizer_or_features_is_refused(corpus, tmp_path, caplog):
+    # a run restarted in the same output_dir before its first checkpoint reuses the tokenizer and statistics only
+    # when this config would build the same ones
+    out = tmp_path / "exp"
+    cfg = tiny_train_config(out, *corpus)
+    first = Trainer(cfg)
+    assert json.loads((out / "tokenizer" / "source.json").read_text())["tokenizer"]["kind"] == "char"
+    assert (out / "feats_stats.json").is_file()
+    again = Trainer(cfg)  # the same settings: reused
+    assert again.tokenizer.vocab_size == first.tokenizer.vocab_size
+    with pytest.raises(ValueError, match=r"tokenizer.*kind.*'char'.*'bpe'.*remove"):
+        Trainer(tiny_train_config(out, *corpus, tokenizer={"kind": "bpe", "vocab_size": 8}))
+    model = tiny_model_config()
+    model["features"] = {**model["features"], "n_mels": 20}
+    with pytest.raises(ValueError, match=r"feature statistics.*n_mels.*23.*20"):
+        Trainer(tiny_train_config(out, *corpus, model=model))
+    # the training manifest moved (audio paths are relative to it, so it stays beside the audio): a warning
+    moved = Path(corpus[0]).with_name("train_moved.jsonl")
+    shutil.copy(corpus[0], moved)
+    with caplog.at_level("WARNING"):
+        Trainer(tiny_train_config(out, moved, corpus[1]))
+    assert "built with a different train" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------- robustness

@@ -14,7 +14,8 @@ others wait.
 A run, in ``output_dir``:
 
 1. ``config.yaml`` (the resolved TrainConfig), ``tokenizer/`` (built from the training transcripts unless
-   given), ``feats_stats.npz`` (feature statistics for global MVN, ESPnet's layout);
+   given), ``feats_stats.npz`` (feature statistics for global MVN, ESPnet's layout); both reused by a later run
+   in the same ``output_dir`` only if built from the same settings (:mod:`~ebranchformer.asr.provenance`);
 2. training steps: each step runs ``optim.accum_grad`` batches (forward/backward under autocast for bf16/fp16,
    gradients summed, DDP syncing on the last), clips the gradient norm, and updates -- unless the gradient is
    non-finite, then the update is **skipped and counted** (the scheduler does not advance; with fp16 the
@@ -82,6 +83,7 @@ from ebranchformer.asr.evaluate import evaluate
 from ebranchformer.asr.global_mvn import GlobalMVN
 from ebranchformer.asr.manifest import read_jsonl_manifest
 from ebranchformer.asr.metrics_log import MetricsLog, plot_learning_curves
+from ebranchformer.asr.provenance import check_source, record_source
 from ebranchformer.asr.schedulers import LRSchedule, build_scheduler
 from ebranchformer.asr.skip_report import SkipReport
 from ebranchformer.asr.tokenizer import load_tokenizer
@@ -233,13 +235,21 @@ class Trainer:
 
     def _tokenizer(self):
         directory = self.out / "tokenizer"
+        record = directory / "source.json"
+        source = {"tokenizer": self.cfg.tokenizer.to_dict(), "train": self.cfg.data.train}
         if self.ctx.is_main and not (directory / "tokenizer.json").is_file():
             build_tokenizer(self.cfg.tokenizer, [u.text for u in self.train_utts], directory)
+            record_source(record, source)
         self.ctx.barrier()
+        # on every rank, so that all of them stop; a moved training manifest only warns
+        check_source(record, source, "tokenizer", directory, warn_only=("train",))
         return load_tokenizer(directory)
 
     def _feature_stats(self) -> GlobalMVN:
         path = self.out / "feats_stats.npz"
+        record = self.out / "feats_stats.json"
+        features = self.model.config.features
+        source = {"features": None if features is None else features.to_dict(), "train": self.cfg.data.train}
         if self.ctx.is_main and not path.is_file():
             logger.info("computing feature statistics over %d training utterances", len(self.train_utts))
             mvn = compute_feature_stats(
@@ -251,7 +261,9 @@ class Trainer:
                 device=self.ctx.device,
             )
             save_stats_atomic(mvn, path)
+            record_source(record, source)
         self.ctx.barrier()
+        check_source(record, source, "feature statistics", path, warn_only=("train",))
         return GlobalMVN.from_espnet_stats(path)
 
     def _build_data(self) -> None:
