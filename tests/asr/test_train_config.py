@@ -58,6 +58,7 @@ def test_unknown_keys_are_rejected(doc, words):
         ({"optim": {"total_steps": 5, "scheduler": "noam", "warmup_steps": 0}}, "warmup_steps"),
         ({"optim": {"total_steps": 5, "accum_grad": 0}}, "accum_grad"),
         ({"optim": {"total_steps": 5, "grad_clip": -1}}, "grad_clip"),
+        ({"optim": {"total_steps": 5, "scheduler": "warmup_cosine", "warmup_steps": 5}}, "total_steps > warmup"),
         ({"tokenizer": {"kind": "bpe"}}, "tokenizer.vocab_size"),
         ({"tokenizer": {"kind": "word"}}, "tokenizer.kind"),
         ({"checkpoint": {"average_by": "bleu"}}, "average_by"),

@@ -188,6 +188,11 @@ class OptimConfig(ConfigBase):
             "optim needs total_steps or max_epochs (or both: whichever comes first)",
         )
         check(
+            self.scheduler != "warmup_cosine" or self.total_steps is None or self.total_steps > self.warmup_steps,
+            f"optim.scheduler warmup_cosine needs total_steps > warmup_steps ({self.warmup_steps}), got "
+            f"total_steps={self.total_steps}",
+        )
+        check(
             _is_num(self.grad_clip) and self.grad_clip >= 0,
             f"optim.grad_clip must be >= 0, got {self.grad_clip!r}",
         )
