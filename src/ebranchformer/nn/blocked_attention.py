@@ -34,19 +34,19 @@ def block_rows(b: int, h: int, t: int, block_bytes: int) -> int:
     return max(16, block_bytes // (4 * b * h * t))
 
 
-def _pos_bias(qv: torch.Tensor, p: torch.Tensor, a: int, e: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The positional scores of query rows [a, e): the (H, B*n, w) product of those rows with the w = T + n - 1
-    table rows they reach (table rows lo..hi-1), and its (B, H, n, T) view by key, which is what the scores add."""
+def _pos_bias(qv: torch.Tensor, p: torch.Tensor, a: int, e: int) -> torch.Tensor:
+    """The positional scores (B, H, n, T) of query rows [a, e): a view of their (H, B*n, w) product with the
+    w = T + n - 1 table rows they reach (rows T-e .. 2T-2-a), not a product with the whole (2T-1)-row table."""
     b, h, t, dk = qv.shape
-    n, lo, hi = e - a, t - e, 2 * t - 1 - a
-    w = hi - lo
+    n = e - a
     qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk)  # (H, B*n, dk)
-    local = torch.bmm(qh, p[:, lo:hi].transpose(1, 2))  # (H, B*n, w); p is not expanded over the batch
-    # row i (query a + i) takes table row T-1-(a+i)+j, i.e. local column n-1-i+j
-    return local, _by_key(local, b, h, n, t), lo, hi
+    local = torch.bmm(qh, p[:, t - e : 2 * t - 1 - a].transpose(1, 2))  # (H, B*n, w); p not expanded over B
+    return _by_key(local, b, h, n, t)
 
 
 def _by_key(local: torch.Tensor, b: int, h: int, n: int, t: int) -> torch.Tensor:
+    """(H, B*n, w) table-column layout -> (B, H, n, T) key layout: row i (query a + i) takes table row
+    T-1-(a+i)+j for key j, i.e. local column n-1-i+j (a strided view, no copy)."""
     w = local.shape[-1]
     return local.as_strided((b, h, n, t), (n * w, b * n * w, w - 1, 1), local.storage_offset() + n - 1)
 
@@ -58,18 +58,19 @@ def attend_blocks(qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
     outs = []
     for a in range(0, t, block):
         e = min(a + block, t)
-        mask = key_bias if p is None else _pos_bias(qv, p, a, e)[1] + key_bias  # (B, H, n, T)
+        mask = key_bias if p is None else _pos_bias(qv, p, a, e) + key_bias  # (B, H, n, T)
         outs.append(F.scaled_dot_product_attention(qu[:, :, a:e], k, v, attn_mask=mask, scale=1.0 / math.sqrt(dk)))
     o = torch.cat(outs, dim=2)  # (B, H, T, dk)
     return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
 
 
 def _probs(qu, k, qv, p, key_bias, a: int, e: int):
-    """Softmax probabilities (B, H, n, T) of query rows [a, e), in qu's dtype (computed in float32 for half)."""
+    """Softmax probabilities (B, H, n, T) of query rows [a, e), in the scores' dtype (bf16 under autocast; the
+    softmax itself runs in float32 for half dtypes)."""
     s = torch.matmul(qu[:, :, a:e], k.transpose(-2, -1))  # (B, H, n, T)
     s = s.mul_(1.0 / math.sqrt(qu.shape[-1]))
     if p is not None:
-        s = s.add_(_pos_bias(qv, p, a, e)[1])
+        s = s.add_(_pos_bias(qv, p, a, e))
     s = s.add_(key_bias)
     return torch.softmax(s, dim=-1, dtype=torch.float32 if s.dtype in _HALF else None).to(s.dtype)
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import register
-from .frontend import Frontend
 from .conv_blocks import conv_stack_blocks, conv_stack_train
+from .frontend import Frontend
 from .masking import lengths_to_valid
 from .norm import LayerNorm
 
