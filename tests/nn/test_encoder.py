@@ -267,6 +267,14 @@ def test_keep_mask_rate_scale_and_independence(p):
         assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (n // 4)) ** 0.5 + 1e-6
 
 
+def test_keep_mask_edges():
+    from ebranchformer.nn.dropout import keep_mask, keep_scale
+
+    assert keep_mask((0, 3), 0.1, "cpu").shape == (0, 3)
+    assert keep_scale(0.999999) == 2**16  # rounds to "keep 1 in 2^16", not to a division by zero
+    assert keep_scale(1e-6) == 1.0 and bool(keep_mask((1000,), 1e-6, "cpu").all())  # rounds to no dropout
+
+
 def test_dropout_keeps_a_bool_mask(conv_encoder):
     from ebranchformer.nn.dropout import Dropout
 

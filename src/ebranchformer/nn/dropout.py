@@ -14,7 +14,7 @@ _LEVELS = 1 << 16  # the drop probability is a multiple of 2^-16
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
     """A bool keep-mask of ``shape``, each entry independently False with probability round(p * 2^16) / 2^16
-    (0.1 -> 0.1000061).
+    (0.1 -> 0.1000061; at most 1 - 2^-16).
 
     Drawn from torch's generator as 16-bit uniform integers, four per 64-bit value. On the CPU the generator's cost
     is per value drawn, whatever its width: 64-bit values take 0.5x the time of 32-bit ones for the same bits, and
@@ -34,7 +34,7 @@ def keep_scale(p: float) -> float:
 
 
 def _drop_levels(p: float) -> int:
-    return round(p * _LEVELS)
+    return min(round(p * _LEVELS), _LEVELS - 1)  # p just below 1 keeps 1 in 2^16, never none
 
 
 def dropout_bool_mask(x: torch.Tensor, p: float) -> torch.Tensor:
