@@ -63,7 +63,7 @@ DECODERS = ("lexicon", "greedy")
 
 _LEXICON_BEAM = 32
 _TRAIN_OUTPUTS = ("checkpoints", "model", "tokenizer", "metrics.jsonl", "learning_curves.png",
-                  "feats_stats.npz", "config.yaml", "train.yaml", "summary.json", "lexicon.txt")
+                  "feats_stats.npz", "feats_stats.json", "config.yaml", "train.yaml", "summary.json", "lexicon.txt")
 
 
 def demo_corpus_config(n_train: int = DEFAULT_N_TRAIN, num_workers: int = 2, **overrides: Any):
