@@ -23,6 +23,13 @@ _BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) scores on the b
 _TRAIN_BLOCK_BYTES = 4 << 20  # ... and in training
 
 
+def _key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) valid keys -> (B, 1, 1, T) additive mask: 0 on valid keys, -inf on padding."""
+    b, t = valid.shape
+    bias = torch.zeros((b, 1, 1, t), dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid[:, None, None, :], float("-inf"))  # (B, 1, 1, T)
+
+
 def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """(B, H, T, 2T-1) -> (B, H, T, T) with ``out[..., i, j] = bd[..., i, T-1-i+j]`` (distance i - j).
 
@@ -59,8 +66,8 @@ class _MultiHeadBase(nn.Module):
         self.att_dropout = float(att_dropout)
         self.dropout = Dropout(att_dropout)
         self.fast = True
-        # CPU inference in blocks of queries (RelPosSelfAttention). Its Python loop depends on T: turn it off for
-        # torch.export / torch.compile(dynamic=True), which then trace the one-pass fast path.
+        # On the CPU, inference and training in blocks of queries (_blocked). Its Python loop depends on T: turn it
+        # off for torch.export / torch.compile(dynamic=True), which then trace the one-pass fast path.
         self.chunked = True
         # Training memory: keep only q, k, v (and the position table) for backward and recompute the (B, H, T, T)
         # scores, softmax and dropout there (same RNG state, so the same values). ConformerEncoder turns it off
@@ -86,8 +93,7 @@ class _MultiHeadBase(nn.Module):
         p (H, 2T-1, dk) or None; returns (B, T, D). With gradients, the dropout keep-mask is drawn here as the
         plain path's ``Dropout`` draws it."""
         b, h, t, _ = qu.shape
-        key_bias = torch.zeros((b, 1, 1, t), dtype=(qu if qv is None else qv).dtype, device=qu.device)
-        key_bias = key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))  # (B, 1, 1, T)
+        key_bias = _key_bias(valid, (qu if qv is None else qv).dtype)  # (B, 1, 1, T)
         drop = self.att_dropout if self.training else 0.0
         if not torch.is_grad_enabled() and drop == 0.0:
             return attend_blocks(qu, k, v, qv, p, key_bias, block_rows(b, h, t, _BLOCK_BYTES))
@@ -107,15 +113,14 @@ class _MultiHeadBase(nn.Module):
         b, h, t, dk = q.shape
         keep = valid[:, None, None, :]  # (B, 1, 1, T)
         # SDPA's own attention dropout on the CPU runs its math path with a float bernoulli mask: our explicit
-        # path below does the same math with the cheaper bool-mask dropout (and is used in CPU training)
+        # path below does the same math with the cheaper bool-mask dropout (CPU training with the blocks off)
         if self.fast and not (self.training and self.att_dropout > 0 and q.is_cpu):
             # the positional bias arrives already scaled by 1/sqrt(dk); one pass adds the key mask to it
             scale = 1.0 / math.sqrt(dk)
             if bias is None:
                 mask = keep
             else:
-                key_bias = torch.zeros(keep.shape, dtype=bias.dtype, device=bias.device)  # (B, 1, 1, T)
-                mask = bias + key_bias.masked_fill_(~keep, float("-inf"))  # (B, H, T, T)
+                mask = bias + _key_bias(valid, bias.dtype)  # (B, H, T, T)
             p = self.att_dropout if self.training else 0.0
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         else:

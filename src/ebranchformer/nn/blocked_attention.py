@@ -34,14 +34,20 @@ def block_rows(b: int, h: int, t: int, block_bytes: int) -> int:
     return max(16, block_bytes // (4 * b * h * t))
 
 
-def _pos_bias(qv: torch.Tensor, p: torch.Tensor, a: int, e: int) -> torch.Tensor:
-    """The positional scores (B, H, n, T) of query rows [a, e): a view of their (H, B*n, w) product with the
-    w = T + n - 1 table rows they reach (rows T-e .. 2T-2-a), not a product with the whole (2T-1)-row table."""
+def _table_rows(qv: torch.Tensor, a: int, e: int) -> tuple[torch.Tensor, int, int]:
+    """Query rows [a, e) of ``qv`` heads first, (H, B*n, dk), and the table rows [lo, hi) = [T-e, 2T-1-a) their
+    distances reach (w = T + n - 1 of them)."""
     b, h, t, dk = qv.shape
-    n = e - a
-    qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk)  # (H, B*n, dk)
-    local = torch.bmm(qh, p[:, t - e : 2 * t - 1 - a].transpose(1, 2))  # (H, B*n, w); p not expanded over B
-    return _by_key(local, b, h, n, t)
+    return qv[:, :, a:e].transpose(0, 1).reshape(h, b * (e - a), dk), t - e, 2 * t - 1 - a  # (H, B*n, dk)
+
+
+def _pos_bias(qv: torch.Tensor, p: torch.Tensor, a: int, e: int) -> torch.Tensor:
+    """The positional scores (B, H, n, T) of query rows [a, e): a view of their (H, B*n, w) product with the w
+    table rows they reach (:func:`_table_rows`), not a product with the whole (2T-1)-row table."""
+    b, h, t, _ = qv.shape
+    qh, lo, hi = _table_rows(qv, a, e)
+    local = torch.bmm(qh, p[:, lo:hi].transpose(1, 2))  # (H, B*n, w); p is not expanded over the batch
+    return _by_key(local, b, h, e - a, t)
 
 
 def _by_key(local: torch.Tensor, b: int, h: int, n: int, t: int) -> torch.Tensor:
@@ -133,10 +139,10 @@ class _AttendBlocks(torch.autograd.Function):
             dk3.baddbmm_(ds.view(b * h, n, t).transpose(1, 2), qu[:, :, a:e].reshape(b * h, n, dk).to(ds.dtype),
                          alpha=scale)  # fmt: skip
             if p is not None:
-                lo, hi = t - e, 2 * t - 1 - a
+                qh, lo, hi = _table_rows(qv, a, e)  # (H, B*n, dk)
+                qh = qh.to(ds.dtype)
                 local = ds.new_zeros(h, b * n, hi - lo)  # (H, B*n, w), as in _pos_bias
                 _by_key(local, b, h, n, t).copy_(ds)
-                qh = qv[:, :, a:e].transpose(0, 1).reshape(h, b * n, dk).to(ds.dtype)  # (H, B*n, dk)
                 dqv[:, :, a:e] = torch.bmm(local, p[:, lo:hi].to(ds.dtype)).view(h, b, n, dk).transpose(0, 1)
                 dp[:, lo:hi].baddbmm_(local.transpose(1, 2), qh)  # (H, w, dk)
         return dqu, dk_, dv, dqv, dp, None, None, None, None

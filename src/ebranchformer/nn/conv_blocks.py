@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["block_spans", "conv_stack_blocks", "conv_stack_train"]
+__all__ = ["block_spans", "conv_len", "conv_stack_blocks", "conv_stack_train"]
 
 Convs = list[tuple[int, int]]  # (kernel, stride) per conv, square, no padding
 
@@ -72,9 +72,14 @@ def conv_stack_blocks(x, convs: Convs, weights, valids, step: int, project) -> t
     return torch.cat(outs, dim=1)  # (B, T', D)
 
 
+def conv_len(n, k: int, s: int):
+    """Output length of a "valid" conv with kernel k and stride s over n frames (an int or an int tensor)."""
+    return (n - k) // s + 1
+
+
 def _out_frames(t: int, convs: Convs) -> int:
     for k, s in convs:
-        t = (t - k) // s + 1
+        t = conv_len(t, k, s)
     return t
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import register
-from .conv_blocks import conv_stack_blocks, conv_stack_train
+from .conv_blocks import conv_len, conv_stack_blocks, conv_stack_train
 from .frontend import Frontend
 from .masking import lengths_to_valid
 from .norm import LayerNorm
@@ -28,10 +28,6 @@ _LEGACY_SLICES = {
     "conv2d6": [(2, 2), (4, 3)],
     "conv2d8": [(2, 2), (2, 2), (2, 2)],
 }
-
-
-def _conv_len(n, k: int, s: int):
-    return (n - k) // s + 1
 
 
 @register
@@ -70,7 +66,7 @@ class Conv2dSubsampling(Frontend):
         f, c_in, t_min = self.in_dim, 1, 1
         for k, s in _CONVS[kind]:
             self.convs.append(nn.Conv2d(c_in, self.out_dim, k, s))
-            f, c_in = _conv_len(f, k, s), self.out_dim
+            f, c_in = conv_len(f, k, s), self.out_dim
         for k, s in reversed(_CONVS[kind]):
             t_min = (t_min - 1) * s + k  # shortest input giving one output frame
         if f < 1:
@@ -84,7 +80,7 @@ class Conv2dSubsampling(Frontend):
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         for k, s in _CONVS[self.kind]:
-            lengths = _conv_len(lengths, k, s)
+            lengths = conv_len(lengths, k, s)
         return lengths
 
     def legacy_lengths(self, lengths: torch.Tensor, padded_len: int) -> torch.Tensor:
@@ -112,7 +108,7 @@ class Conv2dSubsampling(Frontend):
         for (k, s), conv in zip(_CONVS[self.kind], self.convs):
             if masked:
                 h = h * lengths_to_valid(n, h.shape[2])[:, None, :, None].to(h.dtype)
-                n = _conv_len(n, k, s)
+                n = conv_len(n, k, s)
             h = F.relu(conv(h))  # (B, C, T', F')
         b, c, t, f = h.shape
         y = self.out(h.transpose(1, 2).reshape(b, t, c * f))  # (B, T', C*F') -> (B, T', D)
@@ -131,7 +127,7 @@ class Conv2dSubsampling(Frontend):
             valids, n, size = [], lengths, t_in
             for k, s in convs:
                 valids.append(lengths_to_valid(n, size)[:, None, :, None])  # (B, 1, T_l, 1)
-                n, size = _conv_len(n, k, s), _conv_len(size, k, s)
+                n, size = conv_len(n, k, s), conv_len(size, k, s)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         weights = [(conv.weight.to(dtype), conv.bias.to(dtype)) for conv in self.convs]
         train = torch.is_grad_enabled()
