@@ -187,6 +187,7 @@ def test_cpu_memory_child_returnn():
 def test_matmul_peak_measures_something():
     p = matmul_peak("cpu", torch.float32, n=256, repeats=2, min_seconds=0.01)
     assert p["gflops"] > 0 and p["n"] == 256 and len(p["samples"]) == 2
+    assert "mm" in p["kernels"] and p["gflops"] == max(p["kernels"].values())
 
 
 @needs_espnet

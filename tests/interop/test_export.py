@@ -105,6 +105,8 @@ def test_torch_export_reloads_and_matches_eager(tmp_path, caplog):
     min_frames = int(meta["min_input_frames"])
     assert min_frames == 15  # conv2d needs 7; the program's guards rule out 1- or 2-frame outputs
     run = program.module()
+    masked.encoder.set_cpu_blocks(False)  # the paths export traces (the CPU-only ones equal them: test_fast_paths)
+    masked.ctc.linear.onednn = False
     for seed, (b, t) in enumerate(SHAPES):
         x, lengths = _batch(b, t, 80, seed, lo=min_frames)
         with torch.no_grad():

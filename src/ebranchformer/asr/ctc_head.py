@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.linear import Linear
+
 __all__ = ["CTCHead", "check_targets"]
 
 
@@ -74,7 +76,7 @@ class CTCHead(nn.Module):
         self.vocab_size = int(vocab_size)
         self.zero_infinity = bool(zero_infinity)
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(in_dim, vocab_size)
+        self.linear = Linear(in_dim, vocab_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of encoder output ``h`` (B, T, D)."""

@@ -12,6 +12,12 @@ __all__ = ["markdown", "write_outputs", "write_plot"]
 MiB = 1024 * 1024
 
 
+def _kernels(peak: dict[str, Any]) -> str:
+    """' (mm 118.5, onednn 205.5)': each kernel's median GFLOP/s, when the peak has more than one."""
+    kernels = peak.get("kernels") or {}
+    return f" ({', '.join(f'{k} {v:.1f}' for k, v in kernels.items())})" if len(kernels) > 1 else ""
+
+
 def _f(v: Any, fmt: str = "{:.3g}", none: str = "-") -> str:
     return none if v is None else fmt.format(v)
 
@@ -48,8 +54,9 @@ def _header(res: dict[str, Any]) -> list[str]:
         f"- {opts['repeats']} timed runs after {opts['warmup']} warm-up runs per implementation, interleaved; "
         f"median (min) reported",
         f"- load average at start / end: {_f(env.get('loadavg_start'), '{}')} / {_f(env.get('loadavg_end'), '{}')}",
-        f"- measured matmul peak: fp32 {res['peak']['fp32']['gflops']:.1f} GFLOP/s, "
-        f"bf16 {res['peak']['bf16']['gflops']:.1f} GFLOP/s (n={res['peak']['fp32']['n']})",
+        f"- measured matmul peak: fp32 {res['peak']['fp32']['gflops']:.1f} GFLOP/s{_kernels(res['peak']['fp32'])}, "
+        f"bf16 {res['peak']['bf16']['gflops']:.1f} GFLOP/s{_kernels(res['peak']['bf16'])} "
+        f"(n={res['peak']['fp32']['n']}; the faster kernel's median)",
         f"- FLOPs: {res['flop_method']}",
         f"- memory: {res['memory_method']}",
         f"- date: {env['date']}",

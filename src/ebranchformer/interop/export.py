@@ -25,7 +25,8 @@ Formats (``format=``):
   2.13: "Cannot view a tensor with shape [B, T', H, dk] ... as a tensor with shape (B, T', D)" at the reshape
   after SDPA); the plain path computes the same (see ``tests/nn/test_fast_paths.py``).
 - ``"torch-export"``: a ``torch.export`` program (``.pt2``, the encoder's fast path kept), reloaded with
-  ``torch.export.load`` or :func:`load_torch_export`. Time is exported as ``Dim.DYNAMIC``: an explicit
+  ``torch.export.load`` or :func:`load_torch_export`; the oneDNN Linear layers (a custom op of this package) are
+  switched to ``F.linear`` for both formats. Time is exported as ``Dim.DYNAMIC``: an explicit
   ``Dim("time", min=...)`` fails on the guards that exclude 1- and 2-frame encoder outputs, so the program
   accepts T from ``min_input_frames`` up (probed after export; 15 for conv2d x4: at least 3 output frames),
   and its input guards reject shorter inputs. The ONNX graph has no such guards (``min_input_frames`` is the
@@ -68,6 +69,7 @@ from torch import nn
 
 from ..asr.atomic import atomic_write
 from ..nn.encoder import ConformerEncoder
+from ..nn.linear import Linear
 from .encoder_dir import ENCODER_FORMAT, load_encoder, read_dir_format
 
 __all__ = [
@@ -167,6 +169,9 @@ def _prepared(model: nn.Module, fast: bool) -> nn.Module:
         )
         enc.config = dataclasses.replace(enc.config, padding="masked")
     enc.set_fast_path(fast).set_cpu_blocks(False)  # CPU block loops depend on T: one graph needs one pass
+    for m in model.modules():  # the CTC head's too: the oneDNN custom op is not an ONNX operator
+        if isinstance(m, Linear):
+            m.onednn = False
     return model
 
 

@@ -9,6 +9,7 @@ from .dropout import Dropout
 from .ebranchformer_layer import EBranchformerLayer, EBranchformerLayerConfig
 from .encoder import ConformerEncoder, EncoderConfig
 from .feedforward import FeedForward
+from .linear import Linear
 from .merge import Merge
 from .norm import LayerNorm
 from .subsampling import Conv2dSubsampling, FrameStacking, LinearInput
@@ -27,6 +28,7 @@ __all__ = [
     "FeedForwardConvGated",
     "FrameStacking",
     "LayerNorm",
+    "Linear",
     "LinearInput",
     "Merge",
     "RelPosSelfAttention",

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import register
 from .blocked_attention import attend_blocks, attend_blocks_train, block_rows
 from .dropout import Dropout, keep_mask
+from .linear import Linear
 from .norm import LayerNorm
 from .posenc import legacy_rel_pos_table, rel_pos_table
 
@@ -61,8 +62,8 @@ class _MultiHeadBase(nn.Module):
         if num_heads <= 0 or dim % num_heads:
             raise ValueError(f"out_dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=with_bias)
-        self.out_proj = nn.Linear(dim, dim, bias=with_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=with_bias)
+        self.out_proj = Linear(dim, dim, bias=with_bias)
         self.att_dropout = float(att_dropout)
         self.dropout = Dropout(att_dropout)
         self.fast = True
@@ -185,7 +186,7 @@ class RelPosSelfAttention(_MultiHeadBase):
         super().__init__(dim, num_heads, att_dropout, with_bias)
         if dim % 2:
             raise ValueError(f"RelPosSelfAttention needs an even dim for its sinusoid table, got {dim}")
-        self.linear_pos = nn.Linear(dim, dim, bias=False)
+        self.linear_pos = Linear(dim, dim, bias=False)
         self.pos_bias_u = nn.Parameter(torch.empty(num_heads, self.head_dim))
         self.pos_bias_v = nn.Parameter(torch.empty(num_heads, self.head_dim))
         nn.init.xavier_uniform_(self.pos_bias_u)

@@ -12,6 +12,7 @@ from ..config import build_module, register
 from .activations import get_activation
 from .dropout import Dropout
 from .dwconv import depthwise_conv_time
+from .linear import Linear
 from .masking import mask_padded
 from .norm import LayerNorm
 
@@ -82,18 +83,18 @@ class FeedForwardConvGated(nn.Module):
             raise ValueError(f"out_dim and ff_dim must be positive, got out_dim={out_dim}, ff_dim={c}")
         k = check_odd_kernel("kernel_size", kernel_size)
         self.gate_dim = c
-        self.linear_ff = nn.Linear(out_dim, 2 * c, bias=with_bias)
+        self.linear_ff = Linear(out_dim, 2 * c, bias=with_bias)
         self.activation = get_activation(activation)
         self.norm = _build_norm(norm, c, norm_eps)
         self.conv = nn.Conv1d(c, c, k, groups=c, bias=with_bias)  # applied 'same' by depthwise_conv_time
-        self.linear_after_conv = nn.Linear(c, c, bias=with_bias) if use_linear_after_conv else None
+        self.linear_after_conv = Linear(c, c, bias=with_bias) if use_linear_after_conv else None
         self.gate_activation = get_activation(gate_activation)
         self.dropout = Dropout(dropout, dropout_broadcast)
-        self.linear_out = nn.Linear(c, out_dim, bias=with_bias)
+        self.linear_out = Linear(c, out_dim, bias=with_bias)
         self.fast = True  # channels-last conv2d for the depthwise conv (see depthwise_conv_time)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.activation(self.linear_ff(x))  # (B, T, 2C)
+        h = self.linear_ff.act(x, self.activation)  # (B, T, 2C)
         r, g = h.split(self.gate_dim, dim=-1)  # (B, T, C) each
         g = mask_padded(self.norm(g), valid)
         pad = (self.conv.kernel_size[0] - 1) // 2

@@ -15,6 +15,7 @@ from .attention import RelPosSelfAttention
 from .dropout import Dropout
 from .dwconv import depthwise_conv_time
 from .feedforward import FeedForward
+from .linear import Linear
 from .masking import mask_padded
 from .norm import LayerNorm
 
@@ -60,7 +61,7 @@ class ConformerConvModule(nn.Module):
         if kernel_size < 1:
             raise ValueError(f"conv_kernel_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
-        self.positionwise_conv1 = nn.Linear(dim, 2 * dim)
+        self.positionwise_conv1 = Linear(dim, 2 * dim)
         self.depthwise_conv = nn.Conv1d(dim, dim, kernel_size, groups=dim)
         if norm == "batch":
             self.norm: nn.Module = MaskedBatchNorm(dim, eps=norm_eps)
@@ -68,7 +69,7 @@ class ConformerConvModule(nn.Module):
             self.norm = LayerNorm(dim, eps=norm_eps)
         else:
             raise ValueError(f"conv_norm must be 'batch' or 'layer', got {norm!r}")
-        self.positionwise_conv2 = nn.Linear(dim, dim)
+        self.positionwise_conv2 = Linear(dim, dim)
         self.fast = True  # channels-last depthwise conv
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

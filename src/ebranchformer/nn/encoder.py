@@ -17,6 +17,7 @@ from .conformer_layer import ConformerLayer
 from .dropout import Dropout
 from .frontend import PADDING_MODES
 from .init import INIT_SCHEMES, init_parameters
+from .linear import Linear
 from .masking import check_encoder_input, lengths_to_valid
 from .norm import LayerNorm
 from .posenc import abs_pos_table
@@ -119,11 +120,11 @@ class ConformerEncoder(nn.Module):
         d = cfg.out_dim
         self.input_layer = self._build_frontend(cfg)
         front_dim = self.input_layer.out_dim if self.input_layer is not None else cfg.in_dim
-        self.input_projection = nn.Linear(front_dim, d, bias=False) if front_dim != d else None
+        self.input_projection = Linear(front_dim, d, bias=False) if front_dim != d else None
         self.input_dropout = Dropout(cfg.input_dropout, cfg.dropout_broadcast)
         self.layers = nn.ModuleList(self._build_layer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = LayerNorm(d, eps=cfg.final_norm_eps) if cfg.final_norm else None
-        self.conditioning_layer = nn.Linear(cfg.vocab_size, d) if cfg.interctc_use_conditioning else None
+        self.conditioning_layer = Linear(cfg.vocab_size, d) if cfg.interctc_use_conditioning else None
         self._recompute_attention = True
         self._gradient_checkpointing = False
         init_parameters(self, cfg.init)
@@ -192,19 +193,23 @@ class ConformerEncoder(nn.Module):
         return build_module(spec, ConformerLayer, **defaults)
 
     def set_fast_path(self, enabled: bool) -> ConformerEncoder:
-        """Switch every fused/fast computation (attention via SDPA, strided rel-shift, split merge) on or off."""
+        """Switch every fused/fast computation (attention via SDPA, strided rel-shift, split merge, oneDNN Linear
+        layers) on or off; off is the plain reference path."""
         for m in self.modules():
-            if hasattr(m, "fast"):
-                m.fast = bool(enabled)
+            for flag in ("fast", "onednn"):
+                if hasattr(m, flag):
+                    setattr(m, flag, bool(enabled))
         return self
 
     def set_cpu_blocks(self, enabled: bool) -> ConformerEncoder:
-        """Switch the CPU paths that run the conv2d frontend and the attention in blocks (``chunked``) on or off.
-        Their Python block loops depend on T', so turn them off for one graph for every length (``torch.export``,
+        """Switch the CPU-only paths on or off: the conv2d frontend and the attention in blocks (``chunked``) and
+        the oneDNN Linear layers (``onednn``, :mod:`~ebranchformer.nn.linear`). The block loops depend on T' and
+        the oneDNN op is private to torch, so turn them off for one graph for every length (``torch.export``,
         ``torch.compile(dynamic=True)``)."""
         for m in self.modules():
-            if hasattr(m, "chunked"):
-                m.chunked = bool(enabled)
+            for flag in ("chunked", "onednn"):
+                if hasattr(m, flag):
+                    setattr(m, flag, bool(enabled))
         return self
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:

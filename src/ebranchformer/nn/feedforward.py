@@ -10,6 +10,7 @@ from torch import nn
 from ..config import register
 from .activations import get_activation
 from .dropout import Dropout
+from .linear import Linear
 
 __all__ = ["FeedForward"]
 
@@ -49,10 +50,10 @@ class FeedForward(nn.Module):
         ff_dim = 4 * out_dim if ff_dim is None else int(ff_dim)
         if out_dim <= 0 or ff_dim <= 0:
             raise ValueError(f"out_dim and ff_dim must be positive, got out_dim={out_dim}, ff_dim={ff_dim}")
-        self.linear_ff = nn.Linear(out_dim, ff_dim, bias=with_bias)
+        self.linear_ff = Linear(out_dim, ff_dim, bias=with_bias)
         self.activation = get_activation(activation)
         self.dropout = Dropout(dropout, dropout_broadcast)
-        self.linear_out = nn.Linear(ff_dim, out_dim, bias=with_bias)
+        self.linear_out = Linear(ff_dim, out_dim, bias=with_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_out(self.dropout(self.activation(self.linear_ff(x))))
+        return self.linear_out(self.dropout(self.linear_ff.act(x, self.activation)))

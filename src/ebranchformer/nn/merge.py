@@ -8,6 +8,7 @@ from torch import nn
 from ..config import register
 from .cgmlp import check_odd_kernel
 from .dwconv import depthwise_conv_time
+from .linear import Linear, linear
 from .masking import mask_padded
 
 __all__ = ["Merge"]
@@ -42,7 +43,7 @@ class Merge(nn.Module):
         self.in_dim1, self.in_dim2 = int(in_dim1), int(in_dim2)
         cat = self.in_dim1 + self.in_dim2
         self.depthwise_conv_fusion = nn.Conv1d(cat, cat, k, groups=cat)  # applied 'same' (odd k)
-        self.merge_proj = nn.Linear(cat, out_dim)
+        self.merge_proj = Linear(cat, out_dim)
         self.fast = True
 
     def forward(self, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,5 +58,6 @@ class Merge(nn.Module):
         ac = depthwise_conv_time(mask_padded(a, valid), w[:d1], b[:d1], pad, pad)  # (B, T, D1)
         gc = depthwise_conv_time(mask_padded(g, valid), w[d1:], b[d1:], pad, pad)  # (B, T, D2)
         pw = self.merge_proj.weight  # (D, D1 + D2)
-        y = nn.functional.linear(a + ac, pw[:, :d1], self.merge_proj.bias)  # (B, T, D)
-        return y + nn.functional.linear(g + gc, pw[:, d1:])
+        on = self.merge_proj.onednn
+        y = linear(a + ac, pw[:, :d1], self.merge_proj.bias, onednn=on)  # (B, T, D)
+        return y + linear(g + gc, pw[:, d1:], onednn=on)

@@ -9,6 +9,7 @@ from torch import nn
 from ..config import register
 from .conv_blocks import conv_len, conv_stack_blocks, conv_stack_train
 from .frontend import Frontend
+from .linear import Linear, linear
 from .masking import lengths_to_valid
 from .norm import LayerNorm
 
@@ -72,7 +73,7 @@ class Conv2dSubsampling(Frontend):
         if f < 1:
             raise ValueError(f"in_dim={in_dim} is too small for input_layer {kind!r} (frequency axis vanishes)")
         self.min_length = t_min
-        self.out = nn.Linear(self.out_dim * f, self.out_dim)
+        self.out = Linear(self.out_dim * f, self.out_dim)
         self.fast = True  # channels-last convs when no gradients are needed (faster there, slower in training)
         # ... and on the CPU in blocks of frames (_forward_chunked), in inference and in training. Its Python loop
         # depends on T, so turn it off for torch.export / torch.compile(dynamic=True), which then trace one pass.
@@ -138,7 +139,7 @@ class Conv2dSubsampling(Frontend):
         h = conv_stack_train(x, convs, weights, valids, step)  # (B, T', F', C)
         _, t, f, c = h.shape
         w = self.out.weight.view(-1, c, f).transpose(1, 2).reshape(-1, f * c)  # columns in (f, c) order
-        return F.linear(h.reshape(b, t, f * c), w, self.out.bias)  # (B, T', F'*C) -> (B, T', D)
+        return linear(h.reshape(b, t, f * c), w, self.out.bias, onednn=self.out.onednn)  # (B, T', F'*C) -> (B, T', D)
 
 
 # Sizes a block of the chunked CPU path: about this many bytes of first-conv input features x channels per block
@@ -161,7 +162,7 @@ class LinearInput(Frontend):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        self.linear = nn.Linear(self.in_dim, self.out_dim)
+        self.linear = Linear(self.in_dim, self.out_dim)
         self.norm = LayerNorm(self.out_dim, eps=norm_eps)
         self.dropout = nn.Dropout(dropout)
 
@@ -202,7 +203,7 @@ class FrameStacking(Frontend):
         if not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be a positive int, got {factor!r}")
         self.in_dim, self.out_dim, self.factor = int(in_dim), int(out_dim), factor
-        self.linear = nn.Linear(self.in_dim * factor, self.out_dim)
+        self.linear = Linear(self.in_dim * factor, self.out_dim)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return (lengths + self.factor - 1) // self.factor

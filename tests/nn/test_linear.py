@@ -1,0 +1,124 @@
+"""The oneDNN Linear path equals F.linear: outputs, fused activations and all three gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ebranchformer.nn import linear as linear_mod
+from ebranchformer.nn.linear import Linear, linear
+
+from .conftest import small_encoder
+
+pytestmark = pytest.mark.skipif(not linear_mod._use_onednn(torch.zeros(1), torch.zeros(1)),
+                                reason="this torch has no oneDNN")  # fmt: skip
+
+
+def _grads(fn, x, w, b, g):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    b = None if b is None else b.clone().requires_grad_()
+    y = fn(x, w, b)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    k=st.integers(1, 70),
+    m=st.integers(1, 70),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_onednn_linear_equals_f_linear_with_gradients(lead, k, m, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen)
+    w = torch.randn(m, k, generator=gen) / k**0.5
+    b = torch.randn(m, generator=gen) if bias else None
+    g = torch.randn(*lead, m, generator=gen)
+    fast = _grads(lambda x, w, b: linear(x, w, b), x, w, b, g)
+    plain = _grads(F.linear, x, w, b, g)
+    for a, r in zip(fast, plain):
+        if r is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", [F.silu, F.gelu, F.relu, torch.tanh])
+def test_fused_activation_equals_activation_after_linear(act):
+    x, w, b = torch.randn(2, 37, 48) * 2, torch.randn(96, 48) / 7, torch.randn(96)
+    with torch.no_grad():
+        fused = linear(x, w, b, act)
+        ref = act(F.linear(x, w, b))
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    # with gradients the activation runs after the product (its backward needs the pre-activation)
+    xg = x.clone().requires_grad_()
+    y = linear(xg, w, b, act)
+    y.sum().backward()
+    xr = x.clone().requires_grad_()
+    act(F.linear(xr, w, b)).sum().backward()
+    torch.testing.assert_close(y.detach(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_column_slice_weight_and_frozen_weight():
+    w = torch.randn(32, 80)
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(linear(x, w[:, 40:]), F.linear(x, w[:, 40:]), atol=1e-5, rtol=0)
+    xg = x.clone().requires_grad_()
+    y = linear(xg, w[:, :40])  # weight without grad: only the input gradient is computed
+    y.square().sum().backward()
+    xr = x.clone().requires_grad_()
+    F.linear(xr, w[:, :40]).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_and_autocast_take_f_linear(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linear_mod, "_OP", lambda *a: calls.append(1) or torch.zeros(()))
+    lin = Linear(16, 8)
+    x = torch.randn(3, 16)
+    assert torch.equal(lin.double()(x.double()), F.linear(x.double(), lin.weight, lin.bias))
+    lin = Linear(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    lin.onednn = False
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert not calls
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
+    lin = Linear(12, 7, bias=False)
+    assert isinstance(lin, torch.nn.Linear) and list(lin.state_dict()) == ["weight"]
+    assert lin.onednn
+
+
+def test_encoder_switches_turn_onednn_off_and_on():
+    enc = small_encoder()
+    flags = lambda: {m.onednn for m in enc.modules() if isinstance(m, Linear)}  # noqa: E731
+    assert flags() == {True}
+    enc.set_cpu_blocks(False)
+    assert flags() == {False}
+    enc.set_cpu_blocks(True).set_fast_path(False)
+    assert flags() == {False}
+    x, n = torch.randn(2, 30, 24), torch.tensor([30, 21])
+    with torch.no_grad():
+        plain = enc.eval()(x, n)[0]
+        fast = enc.set_fast_path(True)(x, n)[0]
+    assert flags() == {True}
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_flop_counter_counts_the_onednn_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.randn(6, 5, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as fast:
+        linear(x, w).sum().backward()
+    with FlopCounterMode(display=False) as plain:
+        F.linear(x, w).sum().backward()
+    assert fast.get_total_flops() == plain.get_total_flops() == 3 * 2 * 30 * 16 * 8
