@@ -68,8 +68,7 @@ import torch
 from torch import nn
 
 from ..asr.atomic import atomic_write
-from ..nn.encoder import ConformerEncoder
-from ..nn.linear import Linear
+from ..nn.encoder import ConformerEncoder, switch_flags
 from .encoder_dir import ENCODER_FORMAT, load_encoder, read_dir_format
 
 __all__ = [
@@ -168,10 +167,10 @@ def _prepared(model: nn.Module, fast: bool) -> nn.Module:
             enc.config.padding,
         )
         enc.config = dataclasses.replace(enc.config, padding="masked")
-    enc.set_fast_path(fast).set_cpu_blocks(False)  # CPU block loops depend on T: one graph needs one pass
-    for m in model.modules():  # the CTC head's too: the oneDNN custom op is not an ONNX operator
-        if isinstance(m, Linear):
-            m.onednn = False
+    enc.set_fast_path(fast)
+    # CPU block loops depend on T (one graph needs one pass); the oneDNN custom op is not an ONNX operator. The whole
+    # model: the CTC head's Linear too.
+    switch_flags(model, ("chunked", "onednn"), False)
     return model
 
 

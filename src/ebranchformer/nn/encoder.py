@@ -82,6 +82,15 @@ class EncoderConfig(ConfigBase):
                 raise ValueError(f"interctc_use_conditioning=True needs vocab_size > 0, got {self.vocab_size!r}")
 
 
+def switch_flags(root: nn.Module, flags: tuple[str, ...], enabled: bool) -> None:
+    """Set every one of ``flags`` (path switches such as ``fast``, ``chunked``, ``onednn``) that ``root`` or a
+    submodule has to ``enabled``."""
+    for m in root.modules():
+        for flag in flags:
+            if hasattr(m, flag):
+                setattr(m, flag, bool(enabled))
+
+
 @register
 class ConformerEncoder(nn.Module):
     """Encoder frame: ``input_layer -> [input projection] -> * scale [+ abs pos] -> dropout -> layers [-> LN]``.
@@ -195,21 +204,15 @@ class ConformerEncoder(nn.Module):
     def set_fast_path(self, enabled: bool) -> ConformerEncoder:
         """Switch every fused/fast computation (attention via SDPA, strided rel-shift, split merge, oneDNN Linear
         layers) on or off; off is the plain reference path."""
-        for m in self.modules():
-            for flag in ("fast", "onednn"):
-                if hasattr(m, flag):
-                    setattr(m, flag, bool(enabled))
+        switch_flags(self, ("fast", "onednn"), enabled)
         return self
 
     def set_cpu_blocks(self, enabled: bool) -> ConformerEncoder:
         """Switch the CPU-only paths on or off: the conv2d frontend and the attention in blocks (``chunked``) and
-        the oneDNN Linear layers (``onednn``, :mod:`~ebranchformer.nn.linear`). The block loops depend on T' and
-        the oneDNN op is private to torch, so turn them off for one graph for every length (``torch.export``,
-        ``torch.compile(dynamic=True)``)."""
-        for m in self.modules():
-            for flag in ("chunked", "onednn"):
-                if hasattr(m, flag):
-                    setattr(m, flag, bool(enabled))
+        the oneDNN Linear layers (``onednn``, :mod:`~ebranchformer.nn.linear`). The block loops depend on T', so
+        turn them off for one graph for every length (``torch.export``, ``torch.compile(dynamic=True)``); the
+        oneDNN Linear is a custom op of this package, which ONNX does not know."""
+        switch_flags(self, ("chunked", "onednn"), enabled)
         return self
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
