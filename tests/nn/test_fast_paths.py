@@ -278,6 +278,26 @@ def test_blocked_cpu_attention_equals_plain(lengths, heads, block_bytes, dtype):
     torch.testing.assert_close(one_pass, plain, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
+def test_blocked_cpu_attention_under_bf16_autocast(block_bytes):
+    # SDPA per block of queries, its positional bias (a view of the block's product with the table rows it reaches)
+    # in bf16: within bf16 rounding of the one-pass path and of float32
+    from ebranchformer.nn import attention
+
+    att = perturb_(RelPosSelfAttention(32, 4)).eval()
+    x, valid = torch.randn(3, 61, 32), _valid([61, 40, 7], 61)
+    with torch.no_grad(), mock.patch.object(attention, "_BLOCK_BYTES", block_bytes):
+        ref = att(x, valid)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            blocked = att(x, valid)
+            att.chunked = False
+            one_pass = att(x, valid)
+    assert blocked.dtype == one_pass.dtype == torch.bfloat16
+    scale = ref.abs().max()
+    assert (blocked.float() - one_pass.float()).abs().max() <= 0.01 * scale
+    assert (blocked.float() - ref).abs().max() <= 0.03 * scale
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4),

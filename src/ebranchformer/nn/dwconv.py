@@ -19,9 +19,10 @@ def depthwise_conv_time(
     """
     c = weight.shape[0]
     if fast:
-        h = F.pad(x, (0, 0, left, right)) if left or right else x  # (B, T + k - 1, C)
-        h = h.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T + k - 1), channels-last strides
-        y = F.conv2d(h, weight.unsqueeze(2), bias, groups=c)  # (B, C, 1, T)
+        pad = left if left == right else 0  # symmetric padding inside the conv (no padded copy)
+        h = F.pad(x, (0, 0, left, right)) if (left or right) and not pad else x  # (B, T + k - 1 - 2 pad, C)
+        h = h.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T + k - 1 - 2 pad), channels-last strides
+        y = F.conv2d(h, weight.unsqueeze(2), bias, padding=(0, pad), groups=c)  # (B, C, 1, T)
         return y.squeeze(2).transpose(1, 2)  # (B, T, C)
     h = F.pad(x.transpose(1, 2), (left, right))  # (B, C, T + k - 1)
     return F.conv1d(h, weight, bias, groups=c).transpose(1, 2)  # (B, T, C)
