@@ -13,7 +13,7 @@ from ebranchformer.nn.linear import Linear, linear
 
 from .conftest import small_encoder
 
-pytestmark = pytest.mark.skipif(not linear_mod._use_onednn(torch.zeros(1), torch.zeros(1)),
+pytestmark = pytest.mark.skipif(linear_mod._onednn_dtype(torch.zeros(1), torch.zeros(1), False) is None,
                                 reason="this torch has no oneDNN")  # fmt: skip
 
 
@@ -77,18 +77,59 @@ def test_column_slice_weight_and_frozen_weight():
     torch.testing.assert_close(xg.grad, xr.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_other_dtypes_and_autocast_take_f_linear(monkeypatch):
+def test_other_dtypes_and_autocast_training_take_f_linear(monkeypatch):
     calls = []
     monkeypatch.setattr(linear_mod, "_OP", lambda *a: calls.append(1) or torch.zeros(()))
     lin = Linear(16, 8)
     x = torch.randn(3, 16)
     assert torch.equal(lin.double()(x.double()), F.linear(x.double(), lin.weight, lin.bias))
     lin = Linear(16, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # with gradients: autocast's own F.linear
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     lin.onednn = False
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     assert not calls
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 70),
+    m=st.integers(1, 70),
+    bias=st.booleans(),
+    act=st.sampled_from([None, F.silu, F.gelu, F.relu]),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_autocast_inference_on_onednn(n, k, m, bias, act, seed):
+    # inference under bf16 autocast: oneDNN in bf16 with the activation on the float32 accumulator; autocast's
+    # F.linear rounds the product to bf16 before its activation, so the two agree within two bf16 roundings
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen) / k**0.5
+    b = torch.randn(m, generator=gen) if bias else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w, b, act)
+        ref = F.linear(x, w, b)
+        ref = ref if act is None else act(ref)
+    exact = F.linear(x, w, b)
+    exact = exact if act is None else act(exact)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    scale = exact.abs().max() + 1e-3
+    assert (y.float() - ref.float()).abs().max() <= 2 * 2**-8 * scale
+    assert (y.float() - exact).abs().max() <= (ref.float() - exact).abs().max() + 2**-8 * scale
+
+
+def test_bf16_autocast_inference_calls_onednn(monkeypatch):
+    calls = []
+    real = linear_mod._OP
+    monkeypatch.setattr(linear_mod, "_OP", lambda *a: calls.append(a[3]) or real(*a))
+    lin = Linear(16, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin.act(torch.randn(3, 16), F.silu).dtype == torch.bfloat16
+    assert calls == ["swish"]
 
 
 def test_linear_module_is_an_nn_linear_with_the_same_state_dict():

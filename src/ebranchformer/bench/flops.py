@@ -176,7 +176,7 @@ def matmul_peak(device: str | torch.device, dtype: torch.dtype, *, n: int | None
     Default n: 2048 on CPU, 8192 on CUDA. Returns ``{"gflops", "n", "dtype", "samples", "kernels"}``, where
     ``kernels`` maps each kernel to its median and ``samples`` are the faster kernel's.
     """
-    from ..nn.linear import _use_onednn, onednn_linear
+    from ..nn.linear import _onednn_dtype, onednn_linear
 
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -184,7 +184,7 @@ def matmul_peak(device: str | torch.device, dtype: torch.dtype, *, n: int | None
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     bm = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     kernels = {"mm": lambda: torch.mm(a, bm)}
-    if _use_onednn(a, bm):
+    if _onednn_dtype(a, bm, grads=False) is not None:
         bt = bm.t().contiguous()  # (N, K): a @ bt.T = a @ bm
         kernels["onednn"] = lambda: onednn_linear(a, bt, None, "none")
     runs = {name: _throughput(fn, 2 * n**3, device, repeats, min_seconds) for name, fn in kernels.items()}

@@ -1,4 +1,4 @@
-"""``nn.Linear`` with a oneDNN path for float32 on the CPU.
+"""``nn.Linear`` with a oneDNN path for float32 (and bf16 inference under autocast) on the CPU.
 
 On the CPU, ``F.linear`` runs float32 GEMMs through MKL's ``sgemm`` and adds the bias in a separate pass over the
 output (``addmm``). oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's CPU backend
@@ -7,8 +7,12 @@ uses) adds the bias, and optionally applies the activation, inside the GEMM. On 
 took 0.84-0.91x the time of ``F.linear`` forward (bias included) and 0.72-0.87x that of ``mm`` for the input
 gradient; for the weight gradient ``mm`` was faster on 3 of the 5 shapes and within 2% on the others, so it stays.
 
-The plain path (``F.linear``) is kept next to it: it runs on other devices, for other dtypes (bf16/fp16 and
-autocast already use oneDNN through ``F.linear``), with ``onednn=False``, and when oneDNN is not built in.
+Under CPU bf16 autocast ``F.linear`` already runs on oneDNN, but as a product plus separate activation passes over a
+bf16 output; in inference the oneDNN path applies SiLU/GELU inside the GEMM there too (the FFN's first Linear plus
+SiLU: 0.78x the autocast time).
+
+The plain path (``F.linear``) is kept next to it: it runs on other devices, for other dtypes, for autocast training,
+with ``onednn=False``, and when oneDNN is not built in.
 """
 
 from __future__ import annotations
@@ -38,16 +42,15 @@ _ATTRS: dict[str, tuple[str, list, str]] = {
 _FUSED: dict[Callable, str] = {F.silu: "swish", F.gelu: "gelu", F.relu: "relu"}
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        _OP is not None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
+def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor, grads: bool) -> torch.dtype | None:
+    """The dtype the oneDNN path computes in, or None for ``F.linear``: float32 for float32 CPU tensors outside
+    autocast; bf16 under CPU bf16 autocast without gradients (inference; training keeps autocast's ``F.linear``)."""
+    if _OP is None or x.device.type != "cpu" or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
+    ok = torch.get_autocast_dtype("cpu") == torch.bfloat16 and not grads
+    return torch.bfloat16 if ok and {x.dtype, weight.dtype} <= {torch.float32, torch.bfloat16} else None
 
 
 def linear(
@@ -61,19 +64,23 @@ def linear(
     """``activation(x @ weight.T + bias)`` for x (..., K), weight (M, K), bias (M,) -> (..., M).
 
     With ``onednn`` (Default: ``True``) and a float32 CPU input outside autocast, the product runs on oneDNN with the
-    bias inside the GEMM; without gradients a SiLU/GELU/ReLU ``activation`` is applied there too. Otherwise (and for
-    any other activation) it is ``activation(F.linear(x, weight, bias))``.
+    bias inside the GEMM; without gradients a SiLU/GELU/ReLU ``activation`` is applied there too. The same holds in
+    bf16 for inference under CPU bf16 autocast (inputs cast to bf16 as autocast casts them, bf16 output; the fused
+    activation then acts on the float32 accumulator, before the rounding to bf16). Otherwise (and for any other
+    activation) it is ``activation(F.linear(x, weight, bias))``.
     """
-    if not (onednn and _use_onednn(x, weight)):
-        y = F.linear(x, weight, bias)
-        return y if activation is None else activation(y)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (N, K)
-    if not weight.is_contiguous():  # oneDNN takes seconds on a column slice (merge's halves): copy the (M, K) weight
-        weight = weight.contiguous()
     grads = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    dtype = _onednn_dtype(x, weight, grads) if onednn else None
+    if dtype is None:
+        y = F.linear(x, weight, bias)
+        return y if activation is None else activation(y)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()  # (N, K)
+    # oneDNN takes seconds on a column slice (merge's halves): copy the (M, K) weight
+    weight = weight.to(dtype).contiguous()
+    bias = None if bias is None else bias.to(dtype)
     if not grads and activation in _FUSED:
         return onednn_linear(x2, weight, bias, _FUSED[activation]).view(*lead, -1)  # (..., M)
     y = onednn_linear(x2, weight, bias, "none").view(*lead, -1)  # (..., M)
