@@ -280,8 +280,8 @@ def test_blocked_cpu_attention_equals_plain(lengths, heads, block_bytes, dtype):
 
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
 def test_blocked_cpu_attention_under_bf16_autocast(block_bytes):
-    # SDPA per block of queries, its positional bias (a view of the block's product with the table rows it reaches)
-    # in bf16: within bf16 rounding of the one-pass path and of float32
+    # under bf16 autocast the inference blocks run in float32 on the bf16 projections (q, k, v and the position
+    # table): within bf16 rounding of the one-pass path (SDPA in bf16) and of the float32 module
     from ebranchformer.nn import attention
 
     att = perturb_(RelPosSelfAttention(32, 4)).eval()

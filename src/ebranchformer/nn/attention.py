@@ -99,8 +99,9 @@ class _MultiHeadBase(nn.Module):
         if not torch.is_grad_enabled() and drop == 0.0:
             block = block_rows(b, h, t, _BLOCK_BYTES)
             if torch.is_autocast_enabled(qu.device.type):
-                # under bf16/fp16 autocast the blocks run in float32: SDPA's CPU kernel is slower in bf16 than in
-                # float32 at these block sizes (bf16 encoder forward 0.95x with this), and the scores stay exact
+                # under bf16/fp16 autocast the blocks run in float32 on the half-precision projections: SDPA's CPU
+                # kernel is slower in bf16 than in float32 at these block sizes (bf16 encoder forward 0.95x with
+                # this), and scores and softmax keep float32 precision
                 with torch.autocast(qu.device.type, enabled=False):
                     args = [None if x is None else x.float() for x in (qu, k, v, qv, p, key_bias)]
                     return attend_blocks(*args, block)
