@@ -8,7 +8,8 @@ A block of r queries needs only the T + r - 1 rows of the (2T-1)-row position ta
   at T' = 500, 1.7x at T' = 2000).
 - Training (:func:`attend_blocks_train`): an autograd function whose forward keeps only its inputs and the dropout
   keep-mask (bool), and whose backward recomputes each block's scores and softmax (FlashAttention's scheme, with
-  the positional term's gradient gathered back onto the table).
+  the positional term's gradient gathered back onto the table); or, with ``store``, keeps the softmax
+  probabilities, one (B, H, T, T) tensor, and skips the recomputation.
 
 Notation: ``qu`` (B, H, T, dk) are the queries that meet the keys (q + u for Transformer-XL attention), ``qv``
 the queries that meet the position table, already scaled by 1/sqrt(dk), ``p`` (H, 2T-1, dk) the projected table
@@ -90,25 +91,30 @@ def _keep_factor(keep, a: int, e: int, scale: float, dtype: torch.dtype) -> torc
 class _AttendBlocks(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale: float, block: int):
+    def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale: float, block: int, store: bool):
         b, h, t, dk = qu.shape
         # k and v arrive as strided views of the fused qkv projection: one copy here, not one per block
         k, v = k.contiguous(), v.contiguous()  # (B, H, T, dk)
         outs = []
+        probs = None
         for a in range(0, t, block):
             e = min(a + block, t)
             att = _probs(qu, k, qv, p, key_bias, a, e)  # (B, H, n, T)
+            if store:
+                if probs is None:
+                    probs = att.new_empty(b, h, t, t)  # (B, H, T, T)
+                probs[:, :, a:e] = att
             kf = _keep_factor(keep, a, e, keep_scale, att.dtype)
             outs.append(torch.matmul(att if kf is None else att.mul_(kf), v).transpose(1, 2))  # (B, n, H, dk)
         o = torch.cat(outs, dim=1)  # (B, T, H, dk)
-        ctx.save_for_backward(qu, k, v, qv, p, key_bias, keep, o)
+        ctx.save_for_backward(qu, k, v, qv, p, key_bias, keep, o, probs)
         ctx.keep_scale, ctx.block = keep_scale, block
         return o.view(b, t, h * dk)  # (B, T, D)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, go):
-        qu, k, v, qv, p, key_bias, keep, o = ctx.saved_tensors
+        qu, k, v, qv, p, key_bias, keep, o, probs = ctx.saved_tensors
         b, h, t, dk = qu.shape
         scale = 1.0 / math.sqrt(dk)
         go = go.reshape(b, t, h, dk)  # (B, T, H, dk)
@@ -119,7 +125,7 @@ class _AttendBlocks(torch.autograd.Function):
         for a in range(0, t, ctx.block):
             e = min(a + ctx.block, t)
             n = e - a
-            att = _probs(qu, k, qv, p, key_bias, a, e)  # (B, H, n, T)
+            att = _probs(qu, k, qv, p, key_bias, a, e) if probs is None else probs[:, :, a:e]  # (B, H, n, T)
             kf = _keep_factor(keep, a, e, ctx.keep_scale, att.dtype)
             gob = go[:, a:e].transpose(1, 2).to(att.dtype)  # (B, H, n, dk)
             dropped = att if kf is None else att * kf
@@ -145,12 +151,15 @@ class _AttendBlocks(torch.autograd.Function):
                 _by_key(local, b, h, n, t).copy_(ds)
                 dqv[:, :, a:e] = torch.bmm(local, p[:, lo:hi].to(ds.dtype)).view(h, b, n, dk).transpose(0, 1)
                 dp[:, lo:hi].baddbmm_(local.transpose(1, 2), qh)  # (H, w, dk)
-        return dqu, dk_, dv, dqv, dp, None, None, None, None
+        return dqu, dk_, dv, dqv, dp, None, None, None, None, None
 
 
-def attend_blocks_train(qu, k, v, qv, p, key_bias, keep: torch.Tensor | None, drop_p: float, block: int):
+def attend_blocks_train(
+    qu, k, v, qv, p, key_bias, keep: torch.Tensor | None, drop_p: float, block: int, store: bool = False
+):
     """Training (and any CPU pass that needs gradients): the same attention with dropout on the probabilities
     (``keep`` (B, H, T, T) bool from :func:`~.dropout.keep_mask`, kept entries scaled by
     :func:`~.dropout.keep_scale` of ``drop_p``; None: no dropout). Returns (B, T, H*dk); gradients reach qu, k, v,
-    qv and p."""
-    return _AttendBlocks.apply(qu, k, v, qv, p, key_bias, keep, keep_scale(drop_p), block)
+    qv and p. ``store`` keeps the (B, H, T, T) softmax probabilities for backward instead of recomputing them (same
+    values; more memory, less time)."""
+    return _AttendBlocks.apply(qu, k, v, qv, p, key_bias, keep, keep_scale(drop_p), block, store)

@@ -154,8 +154,10 @@ class ConformerEncoder(nn.Module):
         """Training memory: the attention layers keep q, k and v for backward and recompute their (B, H, T', T')
         scores, softmax and dropout there instead of storing three such tensors per layer (Default: ``True``;
         the values and gradients are the same). Off while ``gradient_checkpointing`` recomputes whole layers.
-        The CPU path in blocks of queries (``chunked``, :mod:`~ebranchformer.nn.blocked_attention`) always works
-        this way, keeping only the bool dropout mask."""
+        The CPU path in blocks of queries (``chunked``, :mod:`~ebranchformer.nn.blocked_attention`) keeps only the
+        bool dropout mask when on; off, it also keeps the softmax probabilities, one float (B, H, T', T') tensor
+        per layer, and skips their recomputation (LibriSpeech-100 encoder, 8 x 20 s, 2 CPU threads: training step
+        0.965x and 0.979x the time in two in-process comparisons, about 32 MB more per layer)."""
         return self._recompute_attention
 
     @recompute_attention.setter
