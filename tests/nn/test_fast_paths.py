@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -215,6 +216,32 @@ def test_chunked_cpu_frontend_equals_plain(kind, lengths, padding, block_bytes, 
     assert len(g_fast) == len(g_plain) == (2 * len(sub.convs) + 2 if train else 0)
     for a, b in zip(g_fast, g_plain):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # sums over up to 4 x 90 x 20 products
+
+
+def test_chunked_cpu_frontend_does_no_conv_work_on_padded_tails():
+    # masked inference: once a row's last conv sees only padding, its blocks are not computed (their frames are
+    # the last conv's act(bias), projected), and the output still equals the plain path's on every frame
+    sub = perturb_(Conv2dSubsampling(20, 8)).eval()
+    x, n = torch.randn(3, 200, 20), torch.tensor([200, 60, 31])
+    rows_seen = []
+    real_conv2d = F.conv2d
+
+    def conv2d(h, *args, **kwargs):
+        rows_seen.append(h.shape[0])
+        return real_conv2d(h, *args, **kwargs)
+
+    with torch.no_grad(), mock.patch.object(subsampling, "_BLOCK_BYTES", 1):  # one output frame per block
+        sub.fast = False
+        plain = sub(x, n)[0]
+        sub.fast = True
+        with mock.patch.object(F, "conv2d", conv2d):
+            fast = sub(x, n)[0]
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    t_out = fast.shape[1]  # 49 frames; the two short rows have 14 and 6
+    first_conv_frames = (n - 3) // 2 + 1  # the second conv's valid input frames; output frame t reads 2t ... 2t + 2
+    live_rows = [int((first_conv_frames > 2 * t).sum()) for t in range(t_out)]
+    assert rows_seen[1::2] == live_rows  # the second conv of each block ran on the live rows only
+    assert sum(rows_seen) < 2 * 3 * t_out
 
 
 def test_chunked_cpu_frontend_under_bf16_autocast():
