@@ -4,9 +4,10 @@ Every conv of ``Conv2dSubsampling`` is "valid", so output frames [a, a + r) of t
 frames [a * S, (a + r - 1) * S + R) (stride product S, receptive field R), and no block sees another's output.
 A block's wide first-conv output then stays in cache instead of a (B, C, T/2, F/2) tensor going through memory.
 
-- Inference (:func:`conv_stack_blocks`): 1.6x faster than one pass on the LibriSpeech-100 frontend. With masks
-  (``padding="masked"``) a row whose last conv sees only padding in a block is not computed there: its output
-  frames are act(bias) of the last conv, projected once (no conv work on padded tails).
+- Inference (:func:`conv_stack_blocks`): 1.6x faster than one pass on the LibriSpeech-100 frontend.
+- No conv work on padded tails: with masks (``padding="masked"``) a row whose last conv sees only padding in a
+  block is not computed there, in inference and in training: its output frames are ReLU(bias) of the last conv
+  (in training their gradient reaches that bias only).
 - Training (:func:`conv_stack_train`): the forward keeps only the input and the last ReLU's output; the backward
   recomputes each block's inner convs (the cheap ones: the first conv has one input channel) and runs the
   convolutions' backward block by block, in cache. On the LibriSpeech-100 frontend (8 x 2000 frames) its forward
@@ -67,25 +68,37 @@ def conv_stack_blocks(x, convs: Convs, weights, valids, step: int, project) -> t
     dtype = weights[0][0].dtype
     x0 = _channels_last_input(x, dtype)
     t_out = _out_frames(x.shape[1], convs)
-    last_in = None if valids is None else valids[-1][:, 0, :, 0].sum(1)  # (B,) valid frames of the last conv's input
+    last_in = _last_conv_frames(valids)
     dead_frame = None
     outs = []
     for spans in block_spans(convs, t_out, step):
-        live = None if last_in is None else last_in > spans[-2][0]  # (B,) rows with a valid frame in this block
-        if live is None or bool(live.all()):
+        rows = _live_rows(last_in, spans)
+        if rows is None:
             outs.append(_project(_block(x0, convs, weights, valids, spans)[1], project))  # (B, r, D)
             continue
-        if dead_frame is None:  # act(bias) of the last conv at every frequency, projected: (D,)
-            w, bias = weights[-1]
-            f = _out_frames(x.shape[2], convs)  # F'
-            dead_frame = _project(F.relu(bias).view(1, -1, 1, 1).expand(1, w.shape[0], 1, f), project).view(-1)
+        if dead_frame is None:  # ReLU(bias) of the last conv at every frequency, projected: (D,)
+            bias, f = weights[-1][1], _out_frames(x.shape[2], convs)  # F'
+            dead_frame = _project(F.relu(bias).view(1, -1, 1, 1).expand(1, -1, 1, f), project).view(-1)
         r = spans[-1][1] - spans[-1][0]
         out = dead_frame.expand(x.shape[0], r, -1).clone()  # (B, r, D)
-        rows = live.nonzero().view(-1)
         if rows.numel():
             out[rows] = _project(_block(x0, convs, weights, valids, spans, rows=rows)[1], project).to(out.dtype)
         outs.append(out)
     return torch.cat(outs, dim=1)  # (B, T', D)
+
+
+def _last_conv_frames(valids) -> torch.Tensor | None:
+    """(B,) valid frames of the last conv's input (None without masks)."""
+    return None if valids is None else valids[-1][:, 0, :, 0].sum(1)
+
+
+def _live_rows(last_in: torch.Tensor | None, spans) -> torch.Tensor | None:
+    """Index of the rows whose last conv sees a valid frame in this block, or None for all rows. The other rows'
+    last-conv input is all padding there (zeroed), so their output frames are ReLU(bias)."""
+    if last_in is None:
+        return None
+    live = last_in > spans[-2][0]  # (B,)
+    return None if bool(live.all()) else live.nonzero().view(-1)
 
 
 def _project(h: torch.Tensor, project) -> torch.Tensor:
@@ -113,9 +126,21 @@ class _ConvStack(torch.autograd.Function):
     def forward(ctx, x0, convs, valids, step, *params):  # params: w0, b0, w1, b1, ...
         weights = list(zip(params[0::2], params[1::2]))
         blocks = block_spans(convs, _out_frames(x0.shape[2], convs), step)
-        y = torch.cat([_block(x0, convs, weights, valids, sp)[1].permute(0, 2, 3, 1) for sp in blocks], dim=1)
+        last_in, f = _last_conv_frames(valids), _out_frames(x0.shape[3], convs)  # F'
+        ys, lives = [], []
+        for sp in blocks:
+            rows = _live_rows(last_in, sp)
+            lives.append(rows)
+            if rows is None:
+                ys.append(_block(x0, convs, weights, valids, sp)[1].permute(0, 2, 3, 1))  # (B, r, F', C)
+                continue
+            yb = F.relu(weights[-1][1]).expand(x0.shape[0], sp[-1][1] - sp[-1][0], f, -1).clone()  # (B, r, F', C)
+            if rows.numel():
+                yb[rows] = _block(x0, convs, weights, valids, sp, rows=rows)[1].permute(0, 2, 3, 1).to(yb.dtype)
+            ys.append(yb)
+        y = torch.cat(ys, dim=1)
         ctx.save_for_backward(x0, y, *params)  # y: (B, T', F', C)
-        ctx.convs, ctx.valids, ctx.blocks = convs, valids, blocks
+        ctx.convs, ctx.valids, ctx.blocks, ctx.lives = convs, valids, blocks, lives
         return y
 
     @staticmethod
@@ -124,10 +149,18 @@ class _ConvStack(torch.autograd.Function):
         convs = ctx.convs
         weights = list(zip(params[0::2], params[1::2]))
         grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]  # summed over blocks
-        for spans in ctx.blocks:
-            hs = _block(x0, convs, weights, ctx.valids, spans, last=False)[0]  # recompute the inner convs
+        for spans, rows in zip(ctx.blocks, ctx.lives):
             lo, hi = spans[-1]
-            g = (gy[:, lo:hi] * (y[:, lo:hi] > 0)).permute(0, 3, 1, 2)  # (B, C, r, F'), through the last ReLU
+            gyb, yb = gy[:, lo:hi], y[:, lo:hi]  # (B, r, F', C)
+            if rows is not None:  # the other rows' frames are ReLU(last bias): their gradient reaches that bias only
+                dead = torch.ones(gy.shape[0], dtype=torch.bool, device=gy.device)
+                dead[rows] = False
+                grads[-1] += (gyb[dead] * (yb[dead] > 0)).sum((0, 1, 2), dtype=torch.float32)
+                if not rows.numel():
+                    continue
+                gyb, yb = gyb[rows], yb[rows]
+            hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=rows)[0]  # recompute the inner convs
+            g = (gyb * (yb > 0)).permute(0, 3, 1, 2)  # (b, C, r, F'), through the last ReLU
             g = g.contiguous(memory_format=torch.channels_last)
             for li in reversed(range(len(convs))):
                 s, w = convs[li][1], weights[li][0]
