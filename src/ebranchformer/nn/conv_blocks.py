@@ -5,14 +5,14 @@ frames [a * S, (a + r - 1) * S + R) (stride product S, receptive field R), and n
 A block's wide first-conv output then stays in cache instead of a (B, C, T/2, F/2) tensor going through memory.
 
 - Inference (:func:`conv_stack_blocks`): 1.6x faster than one pass on the LibriSpeech-100 frontend.
-- No conv work on padded tails: with masks (``padding="masked"``) a row whose last conv sees only padding in a
-  block is not computed there, in inference and in training: its output frames are ReLU(bias) of the last conv
-  (in training their gradient reaches that bias only).
 - Training (:func:`conv_stack_train`): the forward keeps only the input and the last ReLU's output; the backward
   recomputes each block's inner convs (the cheap ones: the first conv has one input channel) and runs the
   convolutions' backward block by block, in cache. On the LibriSpeech-100 frontend (8 x 2000 frames) its forward
   plus backward takes 0.64-0.68x the time of the one-pass autograd path, and the (B, C, T/2, F/2) activations are
   never stored.
+- No conv work on padded tails: with masks (``padding="masked"``) a row whose last conv sees only padding in a
+  block is not computed there, in inference and in training: its output frames are ReLU(bias) of the last conv
+  (in training their gradient reaches that bias only).
 """
 
 from __future__ import annotations
