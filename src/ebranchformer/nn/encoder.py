@@ -157,7 +157,7 @@ class ConformerEncoder(nn.Module):
         The CPU path in blocks of queries (``chunked``, :mod:`~ebranchformer.nn.blocked_attention`) keeps only the
         bool dropout mask when on; off, it also keeps the softmax probabilities, one float (B, H, T', T') tensor
         per layer, and skips their recomputation (LibriSpeech-100 encoder, 8 x 20 s, 2 CPU threads: training step
-        0.965x and 0.979x the time in two in-process comparisons, about 32 MB more per layer)."""
+        0.979x the time in an in-process comparison, 0.965x with a prototype; about 32 MB more per layer)."""
         return self._recompute_attention
 
     @recompute_attention.setter
