@@ -201,8 +201,10 @@ def test_checkpointing_and_attention_recompute_give_equal_gradients(conv_encoder
     torch.testing.assert_close(y0, y1, atol=1e-12, rtol=0)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], atol=1e-12, rtol=1e-9)
-    # while whole layers are checkpointed the attention does not recompute a second time
+    # while whole layers are checkpointed the attention does not recompute a second time, and the blocked path
+    # keeps its probabilities only when recompute_attention is off
     assert all(not m.recompute for m in enc.modules() if hasattr(m, "recompute")) or not ckpt
+    assert all(m.keep_probs == (not recompute) for m in enc.modules() if hasattr(m, "keep_probs"))
 
 
 def _saved_bytes(enc, x, n) -> int:

@@ -332,17 +332,17 @@ def test_blocked_cpu_attention_under_bf16_autocast(block_bytes):
     block_bytes=st.sampled_from([1, 3000, 1 << 30]),  # blocks of 16 rows ... one block
     relpos=st.booleans(),
     dropout=st.sampled_from([0.0, 0.3]),
-    recompute=st.booleans(),
+    keep_probs=st.booleans(),
 )
-def test_blocked_cpu_attention_training_equals_plain(lengths, heads, block_bytes, relpos, dropout, recompute):
+def test_blocked_cpu_attention_training_equals_plain(lengths, heads, block_bytes, relpos, dropout, keep_probs):
     # blocked_attention.attend_blocks_train: the same dropout masks (drawn as the plain path's Dropout draws them),
-    # outputs, and gradients w.r.t. the input and every parameter; recompute=False keeps the probabilities
+    # outputs, and gradients w.r.t. the input and every parameter; keep_probs keeps the probabilities for backward
     from ebranchformer.nn import attention
 
     att = RelPosSelfAttention(16, heads, att_dropout=dropout) if relpos else SelfAttention(16, heads)
     att = perturb_(att).double().train()
     att.att_dropout = att.dropout.p = dropout
-    att.recompute = recompute
+    att.keep_probs = keep_probs
     t = max(lengths)
     x, valid = torch.randn(len(lengths), t, 16, dtype=torch.float64, requires_grad=True), _valid(lengths, t)
     results = []

@@ -71,10 +71,12 @@ class _MultiHeadBase(nn.Module):
         # off for torch.export / torch.compile(dynamic=True), which then trace the one-pass fast path.
         self.chunked = True
         # Training memory: keep only q, k, v (and the position table) for backward and recompute the (B, H, T, T)
-        # scores, softmax and dropout there (same RNG state, so the same values); off, the blocked CPU path keeps
-        # the (B, H, T, T) softmax probabilities instead. ConformerEncoder turns it off while whole layers are
-        # checkpointed.
+        # scores, softmax and dropout there (same RNG state, so the same values). ConformerEncoder turns it off
+        # while whole layers are checkpointed.
         self.recompute = True
+        # The blocked CPU training path recomputes in its own backward; with keep_probs it keeps the (B, H, T, T)
+        # softmax probabilities instead (ConformerEncoder.recompute_attention = False sets it).
+        self.keep_probs = False
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -109,7 +111,7 @@ class _MultiHeadBase(nn.Module):
             return attend_blocks(qu, k, v, qv, p, key_bias, block)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
-        return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=not self.recompute)
+        return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)
 
     def _core(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """``fn(*args)``, checkpointed in training when ``recompute`` is set."""
