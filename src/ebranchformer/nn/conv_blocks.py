@@ -17,6 +17,8 @@ A block's wide first-conv output then stays in cache instead of a (B, C, T/2, F/
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,7 @@ def block_spans(convs: Convs, t_out: int, step: int) -> list[list[tuple[int, int
 
 def _block(x0, convs, weights, valids, spans, last: bool = True, rows: torch.Tensor | None = None):
     """One block's forward: the (masked) input of every conv, and the last conv's ReLU output (B, C, r, F')
-    (None with ``last=False``, which skips the last conv); ``rows`` (an index) selects batch rows."""
+    (None with ``last=False``, which skips the last conv); ``rows`` ((B,) bool) selects batch rows."""
     lo, hi = spans[0]
     h = x0[:, :, lo:hi] if rows is None else x0[rows, :, lo:hi]  # (B, 1, frames, F)
     hs = []
@@ -65,40 +67,42 @@ def _channels_last_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def conv_stack_blocks(x, convs: Convs, weights, valids, step: int, project) -> torch.Tensor:
     """Inference: x (B, T, F) through the convs (``weights`` [(w, b)], ``valids`` per conv (B, 1, T_l, 1) or None),
     ``project`` applied to each block's flattened (B, r, C*F') output (channel-major); returns (B, T', D)."""
-    dtype = weights[0][0].dtype
-    x0 = _channels_last_input(x, dtype)
-    t_out = _out_frames(x.shape[1], convs)
-    last_in = _last_conv_frames(valids)
-    dead_frame = None
-    outs = []
-    for spans in block_spans(convs, t_out, step):
-        rows = _live_rows(last_in, spans)
-        if rows is None:
-            outs.append(_project(_block(x0, convs, weights, valids, spans)[1], project))  # (B, r, D)
-            continue
-        if dead_frame is None:  # ReLU(bias) of the last conv at every frequency, projected: (D,)
-            bias, f = weights[-1][1], _out_frames(x.shape[2], convs)  # F'
-            dead_frame = _project(F.relu(bias).view(1, -1, 1, 1).expand(1, -1, 1, f), project).view(-1)
-        r = spans[-1][1] - spans[-1][0]
-        out = dead_frame.expand(x.shape[0], r, -1).clone()  # (B, r, D)
-        if rows.numel():
-            out[rows] = _project(_block(x0, convs, weights, valids, spans, rows=rows)[1], project).to(out.dtype)
-        outs.append(out)
+    x0 = _channels_last_input(x, weights[0][0].dtype)
+    blocks = block_spans(convs, _out_frames(x.shape[1], convs), step)
+    lives, dead = _live_rows(valids, blocks), None
+    if any(live is not None for live in lives):  # the projected dead frame (D,)
+        c_f = _dead_frame(weights, x0.shape[3], convs).t()[None, :, None, :]  # (1, C, 1, F')
+        dead = _project(c_f, project).view(-1)
+    finish = partial(_project, project=project)  # (B, C, r, F') -> (B, r, D)
+    outs = [_block_out(x0, convs, weights, valids, sp, live, dead, finish) for sp, live in zip(blocks, lives)]
     return torch.cat(outs, dim=1)  # (B, T', D)
 
 
-def _last_conv_frames(valids) -> torch.Tensor | None:
-    """(B,) valid frames of the last conv's input (None without masks)."""
-    return None if valids is None else valids[-1][:, 0, :, 0].sum(1)
+def _live_rows(valids, blocks) -> list[torch.Tensor | None]:
+    """Per block, (B,) bool: the rows whose last conv sees a valid frame there, or None for all rows (and without
+    masks). The other rows' last-conv input is all padding there (zeroed), so their output frames are ReLU(bias)."""
+    if valids is None:
+        return [None] * len(blocks)
+    last_in = valids[-1][:, 0, :, 0].sum(1)  # (B,) valid frames of the last conv's input
+    lives = [last_in > spans[-2][0] for spans in blocks]
+    return [None if bool(live.all()) else live for live in lives]
 
 
-def _live_rows(last_in: torch.Tensor | None, spans) -> torch.Tensor | None:
-    """Index of the rows whose last conv sees a valid frame in this block, or None for all rows. The other rows'
-    last-conv input is all padding there (zeroed), so their output frames are ReLU(bias)."""
-    if last_in is None:
-        return None
-    live = last_in > spans[-2][0]  # (B,)
-    return None if bool(live.all()) else live.nonzero().view(-1)
+def _dead_frame(weights, f_in: int, convs: Convs) -> torch.Tensor:
+    """ReLU(bias) of the last conv at each of the F' frequencies, (F', C): an output frame whose last-conv input is
+    all (zeroed) padding."""
+    return F.relu(weights[-1][1]).expand(_out_frames(f_in, convs), -1)
+
+
+def _block_out(x0, convs, weights, valids, spans, live, dead, finish) -> torch.Tensor:
+    """``finish`` applied to the block's last ReLU output (B, C, r, F') -> (B, r, ...); with ``live`` ((B,) bool) only
+    the live rows are computed and the others are ``dead`` (broadcast over (B, r))."""
+    if live is None:
+        return finish(_block(x0, convs, weights, valids, spans)[1])
+    out = dead.expand(x0.shape[0], spans[-1][1] - spans[-1][0], *dead.shape).clone()  # (B, r, ...)
+    if bool(live.any()):
+        out[live] = finish(_block(x0, convs, weights, valids, spans, rows=live)[1]).to(out.dtype)
+    return out
 
 
 def _project(h: torch.Tensor, project) -> torch.Tensor:
@@ -126,18 +130,9 @@ class _ConvStack(torch.autograd.Function):
     def forward(ctx, x0, convs, valids, step, *params):  # params: w0, b0, w1, b1, ...
         weights = list(zip(params[0::2], params[1::2]))
         blocks = block_spans(convs, _out_frames(x0.shape[2], convs), step)
-        last_in, f = _last_conv_frames(valids), _out_frames(x0.shape[3], convs)  # F'
-        ys, lives = [], []
-        for sp in blocks:
-            rows = _live_rows(last_in, sp)
-            lives.append(rows)
-            if rows is None:
-                ys.append(_block(x0, convs, weights, valids, sp)[1].permute(0, 2, 3, 1))  # (B, r, F', C)
-                continue
-            yb = F.relu(weights[-1][1]).expand(x0.shape[0], sp[-1][1] - sp[-1][0], f, -1).clone()  # (B, r, F', C)
-            if rows.numel():
-                yb[rows] = _block(x0, convs, weights, valids, sp, rows=rows)[1].permute(0, 2, 3, 1).to(yb.dtype)
-            ys.append(yb)
+        lives, dead = _live_rows(valids, blocks), _dead_frame(weights, x0.shape[3], convs)  # dead (F', C)
+        finish = partial(torch.permute, dims=(0, 2, 3, 1))  # (B, C, r, F') -> (B, r, F', C)
+        ys = [_block_out(x0, convs, weights, valids, sp, live, dead, finish) for sp, live in zip(blocks, lives)]
         y = torch.cat(ys, dim=1)
         ctx.save_for_backward(x0, y, *params)  # y: (B, T', F', C)
         ctx.convs, ctx.valids, ctx.blocks, ctx.lives = convs, valids, blocks, lives
@@ -149,17 +144,15 @@ class _ConvStack(torch.autograd.Function):
         convs = ctx.convs
         weights = list(zip(params[0::2], params[1::2]))
         grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]  # summed over blocks
-        for spans, rows in zip(ctx.blocks, ctx.lives):
+        for spans, live in zip(ctx.blocks, ctx.lives):
             lo, hi = spans[-1]
             gyb, yb = gy[:, lo:hi], y[:, lo:hi]  # (B, r, F', C)
-            if rows is not None:  # the other rows' frames are ReLU(last bias): their gradient reaches that bias only
-                dead = torch.ones(gy.shape[0], dtype=torch.bool, device=gy.device)
-                dead[rows] = False
-                grads[-1] += (gyb[dead] * (yb[dead] > 0)).sum((0, 1, 2), dtype=torch.float32)
-                if not rows.numel():
+            if live is not None:  # the other rows' frames are ReLU(last bias): their gradient reaches that bias only
+                grads[-1] += (gyb[~live] * (yb[~live] > 0)).sum((0, 1, 2), dtype=torch.float32)
+                if not bool(live.any()):
                     continue
-                gyb, yb = gyb[rows], yb[rows]
-            hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=rows)[0]  # recompute the inner convs
+                gyb, yb = gyb[live], yb[live]
+            hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=live)[0]  # recompute the inner convs
             g = (gyb * (yb > 0)).permute(0, 3, 1, 2)  # (b, C, r, F'), through the last ReLU
             g = g.contiguous(memory_format=torch.channels_last)
             for li in reversed(range(len(convs))):

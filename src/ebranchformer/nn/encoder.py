@@ -166,11 +166,9 @@ class ConformerEncoder(nn.Module):
         self._sync_recompute()
 
     def _sync_recompute(self) -> None:
-        for m in self.modules():
-            if hasattr(m, "recompute"):
-                m.recompute = self._recompute_attention and not self._gradient_checkpointing
-                # the blocked CPU path recomputes inside its own backward: inside a checkpointed layer too
-                m.keep_probs = not self._recompute_attention
+        switch_flags(self, ("recompute",), self._recompute_attention and not self._gradient_checkpointing)
+        # the blocked CPU path recomputes inside its own backward: inside a checkpointed layer too
+        switch_flags(self, ("keep_probs",), not self._recompute_attention)
 
     @classmethod
     def from_config(cls, config: EncoderConfig | dict) -> ConformerEncoder:
