@@ -273,6 +273,17 @@ def test_keep_mask_rate_scale_and_independence(p):
         assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (n // 4)) ** 0.5 + 1e-6
 
 
+def test_keep_mask_follows_torch_seed():
+    from ebranchformer.nn.dropout import keep_mask
+
+    torch.manual_seed(3)
+    a, b = keep_mask((4, 1001), 0.3, "cpu"), keep_mask((4, 1001), 0.3, "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((4, 1001), 0.3, "cpu"), a)  # the seed fixes every mask
+    assert torch.equal(keep_mask((4, 1001), 0.3, "cpu"), b)
+    assert (a != b).float().mean() > 0.3  # successive masks are independent: 2 q (1 - q) = 0.42 of entries differ
+
+
 def test_keep_mask_edges():
     from ebranchformer.nn.dropout import keep_mask, keep_scale
 

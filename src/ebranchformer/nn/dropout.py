@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,16 +17,36 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> t
     """A bool keep-mask of ``shape``, each entry independently False with probability round(p * 2^16) / 2^16
     (0.1 -> 0.1000061; at most 1 - 2^-16).
 
-    Drawn from torch's generator as 16-bit uniform integers, four per 64-bit value. On the CPU the generator's cost
-    is per value drawn, whatever its width: 64-bit values take 0.5x the time of 32-bit ones for the same bits, and
-    the float ``uniform >= p`` this replaces (one value per entry) was 9% of a LibriSpeech-100 training step
-    (``bernoulli_`` is 1.5-2x slower still). :func:`keep_scale` gives the matching 1 / P(keep).
+    Drawn as 16-bit uniform integers, four per 64-bit value (the float ``uniform >= p`` this replaces, one value per
+    entry, was 9% of a LibriSpeech-100 training step; ``bernoulli_`` is 1.5-2x slower still). On the CPU the 64-bit
+    values come from numpy's SFC64 generator seeded with one draw from torch's default generator, so
+    ``torch.manual_seed`` still fixes every mask: torch's CPU generator (a Mersenne Twister) took 2.2x as long for
+    the same bits (4.0 vs 1.8 ms for 2^20 values, 2 threads). Other devices draw from torch's generator there.
+    :func:`keep_scale` gives the matching 1 / P(keep).
     """
     n = math.prod(shape)
-    # randint's exclusive upper bound leaves out one of 2^64 values (2^-64 of bias)
-    bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    if n == 0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    m = (n + 3) // 4  # 64-bit values drawn
+    if torch.device(device).type == "cpu":
+        bits = sfc64_bits(torch.randint(0, 1 << 62, (1,)), m)  # (m,), seeded from torch's default CPU generator
+    else:  # randint's exclusive upper bound leaves out one of 2^64 values (2^-64 of bias)
+        bits = torch.randint(-(1 << 63), (1 << 63) - 1, (m,), dtype=torch.int64, device=device)
     u16 = bits.view(torch.int16)[:n]  # (n,) uniform over [-2^15, 2^15)
     return (u16 >= _drop_levels(p) - (_LEVELS >> 1)).view(shape)
+
+
+# A custom op: torch.compile and torch.export see one opaque node (a pure function of the seed tensor, which they
+# draw with their own generator) instead of numpy code they cannot trace.
+@torch.library.custom_op("ebranchformer::sfc64_bits", mutates_args=())
+def sfc64_bits(seed: torch.Tensor, m: int) -> torch.Tensor:
+    """m uniform 64-bit values (int64, CPU) from numpy's SFC64 generator seeded with ``seed`` (one int64)."""
+    return torch.from_numpy(np.random.SFC64(int(seed)).random_raw(m).view(np.int64))  # (m,)
+
+
+@sfc64_bits.register_fake
+def _(seed: torch.Tensor, m: int) -> torch.Tensor:
+    return seed.new_empty((m,))
 
 
 def keep_scale(p: float) -> float:
