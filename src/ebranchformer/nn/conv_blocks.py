@@ -66,13 +66,13 @@ def _channels_last_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def conv_stack_blocks(x, convs: Convs, weights, valids, step: int, project) -> torch.Tensor:
     """Inference: x (B, T, F) through the convs (``weights`` [(w, b)], ``valids`` per conv (B, 1, T_l, 1) or None),
-    ``project`` applied to each block's flattened (B, r, C*F') output (channel-major); returns (B, T', D)."""
+    ``project`` applied to each block's flattened (B, r, F'*C) output (frequency-major, the channels-last memory
+    as it is: no copy); returns (B, T', D)."""
     x0 = _channels_last_input(x, weights[0][0].dtype)
     blocks = block_spans(convs, _out_frames(x.shape[1], convs), step)
     lives, dead = _live_rows(valids, blocks), None
     if any(live is not None for live in lives):  # the projected dead frame (D,)
-        c_f = _dead_frame(weights, x0.shape[3], convs).t()[None, :, None, :]  # (1, C, 1, F')
-        dead = _project(c_f, project).view(-1)
+        dead = project(_dead_frame(weights, x0.shape[3], convs).reshape(1, -1)).view(-1)  # (F', C) -> (1, F'*C)
     finish = partial(_project, project=project)  # (B, C, r, F') -> (B, r, D)
     outs = [_block_out(x0, convs, weights, valids, sp, live, dead, finish) for sp, live in zip(blocks, lives)]
     return torch.cat(outs, dim=1)  # (B, T', D)
@@ -106,9 +106,10 @@ def _block_out(x0, convs, weights, valids, spans, live, dead, finish) -> torch.T
 
 
 def _project(h: torch.Tensor, project) -> torch.Tensor:
-    """(B, C, r, F') conv output -> (B, r, D): flattened channel-major per frame, then ``project``."""
+    """(B, C, r, F') channels-last conv output -> (B, r, D): flattened frequency-major per frame (a view of the
+    channels-last memory), then ``project``."""
     b, c, r, f = h.shape
-    return project(h.transpose(1, 2).reshape(b, r, c * f))  # (B, r, C*F') -> (B, r, D)
+    return project(h.permute(0, 2, 3, 1).reshape(b, r, f * c))  # (B, r, F'*C) -> (B, r, D)
 
 
 def conv_len(n, k: int, s: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,12 +136,14 @@ class Conv2dSubsampling(Frontend):
         train = torch.is_grad_enabled()
         size = 2 * b * self.in_dim * self.out_dim * torch.finfo(dtype).bits // 8  # bytes per output frame
         step = max(1, (_TRAIN_BLOCK_BYTES if train else _BLOCK_BYTES) // size)
-        if not train:
-            return conv_stack_blocks(x, convs, weights, valids, step, self.out)
+        c = self.convs[-1].out_channels
+        w = self.out.weight.view(-1, c, self.out.in_features // c).transpose(1, 2)  # (D, F', C)
+        w = w.reshape(-1, self.out.in_features)  # columns in (f, c) order, the conv output's channels-last order
+        if not train:  # (B, r, F'*C) -> (B, r, D) per block
+            w = w.to(dtype)  # once, not per block under autocast
+            return conv_stack_blocks(x, convs, weights, valids, step, partial(linear, weight=w, bias=self.out.bias, onednn=self.out.onednn))
         h = conv_stack_train(x, convs, weights, valids, step)  # (B, T', F', C)
-        _, t, f, c = h.shape
-        w = self.out.weight.view(-1, c, f).transpose(1, 2).reshape(-1, f * c)  # columns in (f, c) order
-        return linear(h.reshape(b, t, f * c), w, self.out.bias, onednn=self.out.onednn)  # (B, T', F'*C) -> (B, T', D)
+        return linear(h.flatten(2), w, self.out.bias, onednn=self.out.onednn)  # (B, T', F'*C) -> (B, T', D)
 
 
 # Sizes a block of the chunked CPU path: about this many bytes of first-conv input features x channels per block
