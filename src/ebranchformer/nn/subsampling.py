@@ -119,10 +119,10 @@ class Conv2dSubsampling(Frontend):
 
     def _forward_chunked(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """The CPU path: the same convs over blocks of output frames (:mod:`.conv_blocks`), so that a block's wide
-        first-conv output stays in cache. Inference applies the flatten Linear per block; training gets the
-        (B, T', F', C) conv output with a block-wise backward and applies the Linear with its input columns
-        permuted to that order. ``lengths`` (masked mode) zeroes the padded frames before each conv, as the plain
-        path does."""
+        first-conv output stays in cache. The flatten Linear runs with its input columns permuted to the conv
+        output's channels-last (F', C) order (no transposing copy of the activations): per block in inference,
+        once over the (B, T', F', C) output in training, which gets a block-wise backward. ``lengths`` (masked
+        mode) zeroes the padded frames before each conv, as the plain path does."""
         convs = _CONVS[self.kind]
         b, t_in, _ = x.shape
         valids = None
