@@ -141,7 +141,8 @@ class Conv2dSubsampling(Frontend):
         w = w.reshape(-1, self.out.in_features)  # columns in (f, c) order, the conv output's channels-last order
         if not train:  # (B, r, F'*C) -> (B, r, D) per block
             w = w.to(dtype)  # once, not per block under autocast
-            return conv_stack_blocks(x, convs, weights, valids, step, partial(linear, weight=w, bias=self.out.bias, onednn=self.out.onednn))
+            project = partial(linear, weight=w, bias=self.out.bias, onednn=self.out.onednn)
+            return conv_stack_blocks(x, convs, weights, valids, step, project)
         h = conv_stack_train(x, convs, weights, valids, step)  # (B, T', F', C)
         return linear(h.flatten(2), w, self.out.bias, onednn=self.out.onednn)  # (B, T', F'*C) -> (B, T', D)
 
