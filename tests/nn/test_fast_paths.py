@@ -180,6 +180,23 @@ def test_channels_last_depthwise_conv_equals_conv1d(k, left, right, dtype):
             torch.testing.assert_close(a, c, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channels_last_depthwise_conv_trains_under_cpu_autocast(dtype):
+    from ebranchformer.nn.dwconv import depthwise_conv_time
+
+    x = torch.randn(2, 40, 8, requires_grad=True)
+    w, b = torch.randn(8, 1, 31, requires_grad=True), torch.randn(8, requires_grad=True)
+    grads = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=dtype):
+            y = depthwise_conv_time(x, w, b, 15, 15, fast=fast)
+        assert y.dtype == dtype
+        grads.append(torch.autograd.grad(y.float().pow(2).sum(), (x, w, b)))
+    for a, c in zip(*grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, c, atol=0.02 * c.abs().max().item(), rtol=0)  # half-precision products
+
+
 def _output_and_grads(module, inputs, fn, seed):
     """``fn(module, *inputs)``'s output and the gradients of a fixed random projection of it w.r.t. the module's
     parameters and the float inputs that require grad; ``seed`` fixes the dropout masks."""
