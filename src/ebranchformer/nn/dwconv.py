@@ -19,25 +19,23 @@ def depthwise_conv_time(
     on the CPU (outside autocast) its backward is :class:`_ConvBackwardSplit`'s.
     """
     c = weight.shape[0]
-    if fast and c < 32 and x.device.type == "cpu" and torch.bfloat16 in (x.dtype, _cpu_autocast_dtype()):
+    cpu = x.device.type == "cpu"
+    autocast = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else None
+    if fast and c < 32 and cpu and torch.bfloat16 in (x.dtype, autocast):
         fast = False  # oneDNN's bf16 channels-last depthwise conv never returns for 2-16 channels (torch 2.13.0)
     if fast:
         pad = left if left == right else 0  # symmetric padding inside the conv (no padded copy)
         h = F.pad(x, (0, 0, left, right)) if (left or right) and not pad else x  # (B, T + k - 1 - 2 pad, C)
         h = h.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T + k - 1 - 2 pad), channels-last strides
         w4 = weight.unsqueeze(2)  # (C, 1, 1, K)
-        cpu_fp = h.device.type == "cpu" and not torch.is_autocast_enabled("cpu")  # autocast: torch's own backward
-        if cpu_fp and torch.is_grad_enabled() and bias is not None and bias.requires_grad:
+        # under autocast torch's own backward (the split one saves the uncast input)
+        if cpu and autocast is None and torch.is_grad_enabled() and bias is not None and bias.requires_grad:
             y = _ConvBackwardSplit.apply(h, w4, bias, pad)  # (B, C, 1, T)
         else:
             y = F.conv2d(h, w4, bias, padding=(0, pad), groups=c)  # (B, C, 1, T)
         return y.squeeze(2).transpose(1, 2)  # (B, T, C)
     h = F.pad(x.transpose(1, 2), (left, right))  # (B, C, T + k - 1)
     return F.conv1d(h, weight, bias, groups=c).transpose(1, 2)  # (B, T, C)
-
-
-def _cpu_autocast_dtype() -> torch.dtype | None:
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
 class _ConvBackwardSplit(torch.autograd.Function):
