@@ -288,7 +288,7 @@ def run_demo(
         procs: training processes on the CPU (DistributedDataParallel over gloo); 1 (default) trains in this
             process. Ignored on the GPU (one process).
         threads: torch threads per process on the CPU. Default 2.
-        n_train: training utterances to synthesize. Default 3000.
+        n_train: training utterances to synthesize. Default :data:`DEFAULT_N_TRAIN` (8000).
         decoder: what the last line reports, one of :data:`DECODERS`. Default "lexicon".
         overrides: ``section.field=value`` items applied to the training recipe (as ``train --set``).
         corpus: other :class:`~ebranchformer.asr.synth.CorpusConfig` fields (e.g. smaller test sets for tests).
