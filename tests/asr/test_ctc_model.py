@@ -339,13 +339,27 @@ def test_transcribe_matches_per_utterance_decoding(tmp_path):
     expected = []
     for w in wavs:
         lp, n = model.log_probs(torch.from_numpy(w)[None], torch.tensor([len(w)]))
-        expected.append(model.tokenizer.decode(ctc_greedy(lp, n)[0]))
+        expected.append(model.tokenizer.transcript(ctc_greedy(lp, n)[0]))
     assert any(expected)  # a random model still emits something
     inputs = [wavs[0], torch.from_numpy(wavs[1]), str(path), wavs[3]]
     assert model.transcribe(inputs, batch_size=3) == expected
     assert model.transcribe(inputs, batch_size=1) == expected
     assert model.transcribe(wavs[0]) == expected[:1]
     assert model.training is False
+
+
+def test_transcribe_reports_no_stray_spaces():
+    tok = CharTokenizer.train(["ab ba", "abc"])  # <blank> <unk> a b <space> c <sos/eos>: 7 tokens
+    model = CTCModel(_config(), tokenizer=tok).eval()
+    bias = torch.full((V,), -5.0)
+    bias[tok.encode(" ")[0]] = 5.0  # every frame says <space>
+    with torch.no_grad():
+        model.ctc.linear.weight.zero_()
+        model.ctc.linear.bias.copy_(bias)
+    wav = tone_wave("ab", np.random.default_rng(2))
+    lp, n = model.log_probs(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))
+    assert tok.decode(ctc_greedy(lp, n)[0]) == " "  # the collapsed CTC output is one space
+    assert model.transcribe([wav]) == [""]
 
 
 def test_transcribe_beam_and_resampling():

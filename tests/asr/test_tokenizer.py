@@ -86,6 +86,15 @@ def test_char_round_trip_and_unknowns(text):
     assert tok.decode([0, *ids, 0, tok.sos_eos_id]) == tok.decode(ids)  # blank and <sos/eos> dropped
 
 
+@given(st.text(alphabet="ab ", max_size=12))
+def test_transcript_collapses_and_strips_spaces(text):
+    tok = CharTokenizer.train(["ab ba"])
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text  # decode keeps every space, as ESPnet's tokens2text
+    assert tok.transcript([0, *ids, 0]) == " ".join(text.split())
+    assert not tok.transcript(ids).startswith(" ") and "  " not in tok.transcript(ids)
+
+
 def test_decode_accepts_tensors_and_arrays():
     tok = CharTokenizer.train(["ab ba"])
     ids = tok.encode("ab a")

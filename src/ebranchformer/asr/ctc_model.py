@@ -303,7 +303,7 @@ class CTCModel(nn.Module):
             for idx, batch, lengths in padded_batches(wavs, batch_size):
                 lp, lp_lengths = self.log_probs(batch.to(self.device), lengths.to(self.device))
                 for i, ids in zip(idx, self.decode(lp, lp_lengths, beam)):
-                    texts[i] = self.tokenizer.decode(ids)
+                    texts[i] = self.tokenizer.transcript(ids)
         finally:
             self.train(was_training)
         return texts

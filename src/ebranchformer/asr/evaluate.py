@@ -83,7 +83,7 @@ def evaluate(
                     sums[k] = sums.get(k, 0.0) + v * b
             n += b
             refs.extend(batch["texts"])
-            hyps.extend(model.tokenizer.decode(ids) for ids in model.decode(log_probs, h_lengths, beam))
+            hyps.extend(model.tokenizer.transcript(ids) for ids in model.decode(log_probs, h_lengths, beam))
     finally:
         model.train(was_training)
     out = {k: v / max(n, 1) for k, v in sums.items()}

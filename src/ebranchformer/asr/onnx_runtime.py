@@ -312,7 +312,7 @@ class OnnxCTCModel:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             for i, lp in zip(idx, self.log_probs([feats[i] for i in idx])):
-                texts[i] = self.tokenizer.decode(self.decode(lp, beam))
+                texts[i] = self.tokenizer.transcript(self.decode(lp, beam))
         return texts
 
     def _item_features(self, item: Any, index: int) -> np.ndarray:

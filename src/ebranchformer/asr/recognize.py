@@ -135,7 +135,7 @@ def decode_log_probs(
     texts = []
     for lp in log_probs:
         ids = ctc_greedy(lp)[0] if beam == 1 else ctc_prefix_beam_search(lp, beam=beam)[0]
-        texts.append(tok.decode(ids))
+        texts.append(tok.transcript(ids))
     return texts
 
 

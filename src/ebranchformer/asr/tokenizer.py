@@ -23,7 +23,8 @@ Three kinds:
 
 Text normalisation (case, punctuation) is the caller's job: ``encode`` tokenizes the string as given.
 ``decode`` drops ``<blank>`` and ``<sos/eos>``, then joins the token strings back into text: ``<space>``
-(char) and the sentencepiece word marker ``▁`` (bpe) become spaces. ``<unk>`` stays visible: as ``<unk>``
+(char) and the sentencepiece word marker ``▁`` (bpe) become spaces (as ESPnet's ``tokens2text``); ``transcript``
+also collapses and strips the whitespace, for what recognizers print. ``<unk>`` stays visible: as ``<unk>``
 for char, as sentencepiece's unknown surface `` ⁇ `` for bpe (what ESPnet's ``tokens2text`` gives).
 
 ``save(directory)`` writes ``tokens.txt`` (plus the sentencepiece model, if any) and a small
@@ -216,6 +217,18 @@ class Tokenizer(abc.ABC):
         """Text of ``ids``: drops ``<blank>`` and ``<sos/eos>``, then :meth:`tokens_to_text`."""
         drop = {self.blank_id, self._sos_eos_id}
         return self.tokens_to_text([self._tokens[i] for i in self._check_ids(ids) if i not in drop])
+
+    def transcript(self, ids: Iterable[int]) -> str:
+        """What a recognizer reports for ``ids``: :meth:`decode` with runs of whitespace made one space and none
+        at either end (a CTC output can start or end on ``<space>``, or give two in a row around a blank).
+
+        Example:
+            >>> tok = CharTokenizer.train(["ab ba"])
+            >>> space = tok.encode(" ")[0]
+            >>> tok.transcript([space, *tok.encode("a"), space, 0, space, *tok.encode("b"), space])
+            'a b'
+        """
+        return " ".join(self.decode(ids).split())
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         if hasattr(ids, "tolist") and hasattr(ids, "ndim"):  # torch.Tensor / np.ndarray
