@@ -161,6 +161,33 @@ def test_transcribe_and_evaluate_in_bf16(model_dir, corpus, capsys):
         log_probs_batched(model, wavs, precision="fp16")
 
 
+def test_evaluate_compares_precisions(model_dir, corpus, tmp_path, capsys):
+    from ebranchformer.asr.recognize import log_probs_batched, read_audio_files, recognize_manifest
+
+    out = tmp_path / "both.json"
+    argv = ["evaluate", str(model_dir), "--manifest", str(corpus[1]), "--precision", "both", "--json", str(out)]
+    assert main([*argv, "--hyps"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    doc = json.loads(out.read_text())
+    model = CTCModel.load(model_dir)
+    res = {p: recognize_manifest(model, corpus[1], precision=p) for p in ("fp32", "bf16")}
+    for p, r in res.items():
+        assert doc[p]["wer"] == r.wer and doc[p]["cer"] == r.cer
+        assert [h[f"hyp_{p}"] for h in doc["hyps"]] == r.hyps
+        assert f"WER: {100 * r.wer:.2f}%" in next(line for line in lines if line.endswith(f"greedy, {p})"))
+    differ = [i for i, a, b in zip(res["fp32"].ids, res["fp32"].hyps, res["bf16"].hyps) if a != b]
+    assert doc["differ_ids"] == differ and doc["hyps_differ"] == len(differ)
+    wavs = read_audio_files(model, res["fp32"].audio)
+    a = torch.cat(log_probs_batched(model, wavs))
+    b = torch.cat(log_probs_batched(model, wavs, precision="bf16"))
+    assert doc["frames"] == a.shape[0] and doc["frames_differ"] == int((a.argmax(-1) != b.argmax(-1)).sum())
+    assert doc["log_prob_max_abs"] == pytest.approx(float((a - b).abs().max()))
+    assert 0 < doc["log_prob_mean_abs"] <= doc["log_prob_max_abs"]
+    assert lines[-1].startswith(f"bf16 vs fp32: {len(differ)} of {len(res['fp32'].ids)} hypotheses differ")
+    with pytest.raises(SystemExit):  # evaluate only: argparse rejects it for transcribe
+        main(["transcribe", str(model_dir), *_audio(corpus)[:1], "--precision", "both"])
+
+
 def test_transcribe_non_audio_file_fails_clearly(model_dir, tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not audio\n")

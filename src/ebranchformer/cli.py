@@ -218,26 +218,42 @@ def _check_audio_file(path: str) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ebranchformer.asr.recognize import recognize_manifest
+    from ebranchformer.asr.recognize import compare_precisions, recognize_manifest
 
     if not Path(args.manifest).is_file():
         raise CLIError(f"--manifest {args.manifest!r}: no such file")
     model = _load_model(args.model_dir, args.device)
     lexicon = _lexicon(args.lexicon, model)
     beam = _beam(args)
-    result = recognize_manifest(model, args.manifest, beam=beam, batch_size=args.batch_size, lexicon=lexicon,
-                                precision=args.precision)
+    opts = {"beam": beam, "batch_size": args.batch_size, "lexicon": lexicon}
+    if args.precision == "both":
+        comparison = compare_precisions(model, args.manifest, **opts)
+        results = {"fp32": comparison.fp32, "bf16": comparison.bf16}
+    else:
+        comparison = None
+        results = {args.precision: recognize_manifest(model, args.manifest, precision=args.precision, **opts)}
     decoder = f"lexicon beam {beam}" if lexicon is not None else ("greedy" if beam == 1 else f"beam {beam}")
-    if result.skipped:
-        print(f"warning: {args.manifest}: {result.skipped}", file=sys.stderr)
-    for ref, hyp in list(zip(result.refs, result.hyps))[: args.show]:
+    first = next(iter(results.values()))
+    if first.skipped:
+        print(f"warning: {args.manifest}: {first.skipped}", file=sys.stderr)
+    for ref, hyp in list(zip(first.refs, first.hyps))[: args.show]:
         print(f"REF: {ref}\nHYP: {hyp}")
-    print(f"WER: {100 * result.wer:.2f}%  CER: {100 * result.cer:.2f}%  ({len(result.ids)} utterances, {decoder})")
+    for precision, result in results.items():
+        label = f"{decoder}, {precision}" if comparison is not None else decoder
+        print(f"WER: {100 * result.wer:.2f}%  CER: {100 * result.cer:.2f}%  ({len(result.ids)} utterances, {label})")
+    if comparison is not None:
+        c = comparison
+        print(f"bf16 vs fp32: {len(c.differ)} of {len(first.ids)} hypotheses differ, {c.frames_differ} of "
+              f"{c.frames} frames change their most likely token; log-probabilities max abs difference "
+              f"{c.log_prob_max_abs:.3g}, mean {c.log_prob_mean_abs:.3g}")
     if args.json:
         doc = {"model_dir": args.model_dir, "manifest": args.manifest, "decoder": decoder, "beam": beam,
-               "lexicon": args.lexicon, **result.to_dict()}
+               "lexicon": args.lexicon}
+        doc.update(first.to_dict() if comparison is None else comparison.to_dict())
         if args.hyps:
-            doc["hyps"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in zip(result.ids, result.refs, result.hyps)]
+            doc["hyps"] = [{"id": i, "ref": r, **{("hyp" if comparison is None else f"hyp_{p}"): res.hyps[k]
+                                                  for p, res in results.items()}}
+                           for k, (i, r) in enumerate(zip(first.ids, first.refs))]
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0
 
@@ -347,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lexicon", metavar="WORDS.txt", help="closed-vocabulary decoding with this word list")
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="utterances per forward pass")
-    ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: run the model under bfloat16 autocast (torch backend)")
+    ev.add_argument("--precision", choices=("fp32", "bf16", "both"), default="fp32",
+                    help="bf16: run the model under bfloat16 autocast; both: decode in fp32 and in bf16 and "
+                    "report both, with the hypotheses and frames that differ")
     ev.add_argument("--json", metavar="OUT.json", help="also write the results to this JSON file")
     ev.add_argument("--hyps", action="store_true", help="with --json: include every reference and hypothesis")
     ev.add_argument("--show", type=_nonneg_int, default=0, help="print the first N reference/hypothesis pairs")

@@ -8,7 +8,9 @@ What the ``ebranchformer transcribe`` / ``evaluate`` commands and the demo run:
   (the batching of :meth:`CTCModel.transcribe`, so greedy results are the same);
 * :func:`decode_log_probs` -- greedy (``beam=1``), CTC prefix beam search (``beam>1``) or, with a
   :class:`~ebranchformer.asr.lexicon.Lexicon`, the lexicon-constrained beam search; text out;
-* :func:`recognize_manifest` -- all of it over a JSONL manifest, with WER/CER (jiwer) against its texts.
+* :func:`recognize_manifest` -- all of it over a JSONL manifest, with WER/CER (jiwer) against its texts;
+* :func:`compare_precisions` -- the same manifest in float32 and in bf16: both results, the hypotheses that
+  differ and how far the bf16 log-probabilities are from the float32 ones.
 
 Example:
     >>> model = load_model("exp/model")  # doctest: +SKIP
@@ -38,6 +40,8 @@ from ebranchformer.asr.manifest import read_jsonl_manifest
 __all__ = [
     "PRECISIONS",
     "ManifestResult",
+    "PrecisionComparison",
+    "compare_precisions",
     "decode_log_probs",
     "log_probs_batched",
     "read_audio_files",
@@ -169,6 +173,13 @@ class ManifestResult:
         return {"wer": self.wer, "cer": self.cer, "utterances": len(self.ids), "skipped": self.skipped}
 
 
+def _read_manifest(manifest: str | os.PathLike):
+    utts, skips = read_jsonl_manifest(Path(manifest))
+    if not utts:
+        raise ValueError(f"manifest {os.fspath(manifest)!r} holds no usable utterances ({skips})")
+    return utts, skips
+
+
 def recognize_manifest(
     model: CTCModel,
     manifest: str | os.PathLike,
@@ -183,9 +194,7 @@ def recognize_manifest(
     ``log_probs`` (from an earlier call's :func:`log_probs_batched` on the same manifest) skips the forward.
     Raises ValueError when the manifest holds no usable utterance.
     """
-    utts, skips = read_jsonl_manifest(Path(manifest))
-    if not utts:
-        raise ValueError(f"manifest {os.fspath(manifest)!r} holds no usable utterances ({skips})")
+    utts, skips = _read_manifest(manifest)
     if log_probs is None:
         wavs = read_audio_files(model, [u.audio for u in utts])
         log_probs = log_probs_batched(model, wavs, batch_size, precision)
@@ -194,3 +203,47 @@ def recognize_manifest(
     wer, cer = error_rates(refs, hyps)
     return ManifestResult([u.id for u in utts], [u.audio for u in utts], refs, hyps, wer, cer,
                           str(skips) if skips else "")
+
+
+@dataclasses.dataclass
+class PrecisionComparison:
+    """:func:`compare_precisions`'s result: the two :class:`ManifestResult`, the ids whose hypotheses differ,
+    the frames (over all utterances) whose most likely token differs, and the max / mean absolute difference of
+    the bf16 log-probabilities from the float32 ones."""
+
+    fp32: ManifestResult
+    bf16: ManifestResult
+    differ: list[str]
+    frames: int
+    frames_differ: int
+    log_prob_max_abs: float
+    log_prob_mean_abs: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"fp32": self.fp32.to_dict(), "bf16": self.bf16.to_dict(), "hyps_differ": len(self.differ),
+                "differ_ids": self.differ, "frames": self.frames, "frames_differ": self.frames_differ,
+                "log_prob_max_abs": self.log_prob_max_abs, "log_prob_mean_abs": self.log_prob_mean_abs}
+
+
+def compare_precisions(
+    model: CTCModel,
+    manifest: str | os.PathLike,
+    beam: int = 1,
+    batch_size: int = 16,
+    lexicon: Lexicon | None = None,
+) -> PrecisionComparison:
+    """Decode a JSONL manifest in float32 and under bf16 autocast (the audio read once) and compare: does bf16
+    change the WER on this data? Raises what :func:`recognize_manifest` raises."""
+    utts, skips = _read_manifest(manifest)
+    wavs = read_audio_files(model, [u.audio for u in utts])
+    lps = {p: log_probs_batched(model, wavs, batch_size, p) for p in PRECISIONS}  # (T'_i, V) each
+    res = {p: recognize_manifest(model, manifest, beam, batch_size, lexicon, log_probs=lps[p]) for p in PRECISIONS}
+    a, b = torch.cat(lps["fp32"]), torch.cat(lps["bf16"])  # (sum T'_i, V)
+    diff = (a - b).abs()
+    return PrecisionComparison(
+        res["fp32"], res["bf16"],
+        differ=[i for i, x, y in zip(res["fp32"].ids, res["fp32"].hyps, res["bf16"].hyps) if x != y],
+        frames=a.shape[0], frames_differ=int((a.argmax(-1) != b.argmax(-1)).sum()),
+        log_prob_max_abs=float(diff.max()) if diff.numel() else 0.0,
+        log_prob_mean_abs=float(diff.mean()) if diff.numel() else 0.0,
+    )  # fmt: skip
