@@ -166,7 +166,7 @@ def test_evaluate_compares_precisions(model_dir, corpus, tmp_path, capsys):
 
     out = tmp_path / "both.json"
     argv = ["evaluate", str(model_dir), "--manifest", str(corpus[1]), "--precision", "both", "--json", str(out)]
-    assert main([*argv, "--hyps"]) == 0
+    assert main([*argv, "--hyps", "--show", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     doc = json.loads(out.read_text())
     model = CTCModel.load(model_dir)
@@ -175,6 +175,7 @@ def test_evaluate_compares_precisions(model_dir, corpus, tmp_path, capsys):
         assert doc[p]["wer"] == r.wer and doc[p]["cer"] == r.cer
         assert [h[f"hyp_{p}"] for h in doc["hyps"]] == r.hyps
         assert f"WER: {100 * r.wer:.2f}%" in next(line for line in lines if line.endswith(f"greedy, {p})"))
+    assert lines[:3] == [f"REF: {res['fp32'].refs[0]}", f"HYP fp32: {res['fp32'].hyps[0]}", f"HYP bf16: {res['bf16'].hyps[0]}"]
     differ = [i for i, a, b in zip(res["fp32"].ids, res["fp32"].hyps, res["bf16"].hyps) if a != b]
     assert doc["differ_ids"] == differ and doc["hyps_differ"] == len(differ)
     wavs = read_audio_files(model, res["fp32"].audio)

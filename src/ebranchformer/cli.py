@@ -236,10 +236,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     first = next(iter(results.values()))
     if first.skipped:
         print(f"warning: {args.manifest}: {first.skipped}", file=sys.stderr)
-    for ref, hyp in list(zip(first.refs, first.hyps))[: args.show]:
-        print(f"REF: {ref}\nHYP: {hyp}")
+    # with --precision both, hypotheses and results are labelled by precision
+    labels = {p: ("" if comparison is None else f" {p}") for p in results}
+    for k, ref in enumerate(first.refs[: args.show]):
+        print(f"REF: {ref}")
+        for p, result in results.items():
+            print(f"HYP{labels[p]}: {result.hyps[k]}")
     for precision, result in results.items():
-        label = f"{decoder}, {precision}" if comparison is not None else decoder
+        label = decoder if comparison is None else f"{decoder}, {precision}"
         print(f"WER: {100 * result.wer:.2f}%  CER: {100 * result.cer:.2f}%  ({len(result.ids)} utterances, {label})")
     if comparison is not None:
         c = comparison
@@ -250,9 +254,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         doc = {"model_dir": args.model_dir, "manifest": args.manifest, "decoder": decoder, "beam": beam,
                "lexicon": args.lexicon}
         doc.update(first.to_dict() if comparison is None else comparison.to_dict())
-        if args.hyps:
-            doc["hyps"] = [{"id": i, "ref": r, **{("hyp" if comparison is None else f"hyp_{p}"): res.hyps[k]
-                                                  for p, res in results.items()}}
+        if args.hyps:  # "hyp", or "hyp_fp32" and "hyp_bf16"
+            keys = {p: "hyp" + labels[p].replace(" ", "_") for p in results}
+            doc["hyps"] = [{"id": i, "ref": r, **{keys[p]: res.hyps[k] for p, res in results.items()}}
                            for k, (i, r) in enumerate(zip(first.ids, first.refs))]
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -234,7 +234,7 @@ def compare_precisions(
 ) -> PrecisionComparison:
     """Decode a JSONL manifest in float32 and under bf16 autocast (the audio read once) and compare: does bf16
     change the WER on this data? Raises what :func:`recognize_manifest` raises."""
-    utts, skips = _read_manifest(manifest)
+    utts, _ = _read_manifest(manifest)
     wavs = read_audio_files(model, [u.audio for u in utts])
     lps = {p: log_probs_batched(model, wavs, batch_size, p) for p in PRECISIONS}  # (T'_i, V) each
     res = {p: recognize_manifest(model, manifest, beam, batch_size, lexicon, log_probs=lps[p]) for p in PRECISIONS}
