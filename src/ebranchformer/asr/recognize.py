@@ -198,6 +198,11 @@ def recognize_manifest(
     if log_probs is None:
         wavs = read_audio_files(model, [u.audio for u in utts])
         log_probs = log_probs_batched(model, wavs, batch_size, precision)
+    return _score(model, utts, skips, log_probs, beam, lexicon)
+
+
+def _score(model: CTCModel, utts, skips, log_probs, beam: int, lexicon: Lexicon | None) -> ManifestResult:
+    """Decode the manifest's ``log_probs`` and score the texts against its utterances ``utts``."""
     hyps = decode_log_probs(model, log_probs, beam, lexicon)
     refs = [u.text for u in utts]
     wer, cer = error_rates(refs, hyps)
@@ -232,12 +237,12 @@ def compare_precisions(
     batch_size: int = 16,
     lexicon: Lexicon | None = None,
 ) -> PrecisionComparison:
-    """Decode a JSONL manifest in float32 and under bf16 autocast (the audio read once) and compare: does bf16
-    change the WER on this data? Raises what :func:`recognize_manifest` raises."""
-    utts, _ = _read_manifest(manifest)
+    """Decode a JSONL manifest in float32 and under bf16 autocast (manifest and audio read once) and compare: does
+    bf16 change the WER on this data? Raises what :func:`recognize_manifest` raises."""
+    utts, skips = _read_manifest(manifest)
     wavs = read_audio_files(model, [u.audio for u in utts])
     lps = {p: log_probs_batched(model, wavs, batch_size, p) for p in PRECISIONS}  # (T'_i, V) each
-    res = {p: recognize_manifest(model, manifest, beam, batch_size, lexicon, log_probs=lps[p]) for p in PRECISIONS}
+    res = {p: _score(model, utts, skips, lps[p], beam, lexicon) for p in PRECISIONS}
     a, b = torch.cat(lps["fp32"]), torch.cat(lps["bf16"])  # (sum T'_i, V)
     diff = (a - b).abs()
     return PrecisionComparison(
