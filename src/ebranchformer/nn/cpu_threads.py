@@ -1,0 +1,120 @@
+"""CPU inference on groups of batch rows, one group per thread.
+
+With N intra-op threads, a forward over the whole batch runs each op on N threads, and every op pays its
+threads' start and join, and uneven splits of small products (the attention's K = 64 products, its per-block
+softmax). Split into N groups of rows, each run by its own thread with one intra-op thread, the same ops run
+without that overhead: on the project's 2-core CPU, the LibriSpeech-100 encoder forward (8 x 20 s, fp32) took
+0.90x the time (in one process, alternating rounds; BENCHMARKS.md). Training is not split: there the autograd
+engine and the gradient accumulation into shared parameters made the same split slower (1.10x).
+
+The intra-op thread count of a worker thread is set for that thread alone: OpenMP's ``omp_set_num_threads``
+acts on the calling thread's own setting, and MKL's ``MKL_Set_Num_Threads_Local`` likewise, so the caller's and
+any other thread's settings stay as they are (``torch.set_num_threads`` would change MKL's process-wide value).
+Both are looked up in torch's own CPU library; where they are missing (another parallel backend than OpenMP, a
+platform without that library), :func:`available` is False and nothing is split.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+__all__ = ["available", "plan_groups", "run_groups"]
+
+_state = threading.local()  # .worker: True on this module's worker threads (no nested splitting)
+_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child builds its own
+_runtime: tuple[Any, Any] | None | bool = False  # False: not looked up yet; None: unavailable
+
+
+def _load_runtime() -> tuple[Any, Any] | None:
+    """(omp_set_num_threads, MKL_Set_Num_Threads_Local or None) from torch's CPU library, or None."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(libdir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            omp = lib.omp_set_num_threads
+        except (OSError, AttributeError):
+            return None
+        omp.argtypes, omp.restype = [ctypes.c_int], None
+        mkl = getattr(lib, "MKL_Set_Num_Threads_Local", None)  # the C interface (int by value)
+        if mkl is not None:
+            mkl.argtypes, mkl.restype = [ctypes.c_int], ctypes.c_int
+        return omp, mkl
+    return None
+
+
+def available() -> bool:
+    """Whether per-thread intra-op thread counts can be set here (OpenMP backend, torch's CPU library found)."""
+    global _runtime
+    if _runtime is False:
+        _runtime = _load_runtime()
+    return _runtime is not None
+
+
+def plan_groups(batch: int) -> list[int]:
+    """Intra-op threads for each group of rows of a ``batch``-row CPU inference, one group per entry; ``[]`` when
+    nothing is split (one row, one thread, on a worker thread already, or :func:`available` is False).
+
+    The caller's ``torch.get_num_threads()`` threads are shared out over min(batch, threads) groups."""
+    threads = torch.get_num_threads()
+    if batch < 2 or threads < 2 or getattr(_state, "worker", False) or not available():
+        return []
+    groups = min(batch, threads)
+    return [threads // groups + (i < threads % groups) for i in range(groups)]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="ebranchformer-cpu"))
+        return _pool[2]
+
+
+def _in_worker(
+    fn: Callable[..., Any], threads: int, inference: bool, autocast: torch.dtype | None, args: Sequence[Any]
+) -> Any:
+    """Run ``fn(*args)`` on a worker thread with ``threads`` intra-op threads, the caller's no-grad or inference
+    mode and its CPU autocast dtype (all thread-local: the worker does not inherit them)."""
+    omp, mkl = _runtime  # type: ignore[misc]
+    torch.get_num_threads()  # torch sets a new thread's count on first use: let it, then set ours
+    omp(threads)
+    if mkl is not None:
+        mkl(threads)
+    _state.worker = True
+    mode = torch.inference_mode() if inference else torch.no_grad()
+    with mode, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        return fn(*args)
+
+
+def run_groups(fn: Callable[..., Any], groups: Sequence[Sequence[Any]], threads: Sequence[int]) -> list[Any]:
+    """``[fn(*g) for g in groups]``, each call on its own worker thread with ``threads[i]`` intra-op threads
+    (see :func:`plan_groups`), without gradients and under the caller's CPU autocast; the caller waits for all.
+
+    Only for inference: raises ``RuntimeError`` when gradients are enabled. An exception in a group is raised
+    here."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("run_groups is for inference: call it under torch.no_grad() or torch.inference_mode()")
+    if len(groups) != len(threads):
+        raise ValueError(f"threads must have one entry per group ({len(groups)}), got {len(threads)}")
+    if not available():
+        raise RuntimeError("per-thread intra-op thread counts are not available here (see cpu_threads.available)")
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    pool = _executor(len(groups))
+    inference = torch.is_inference_mode_enabled()
+    futures = [pool.submit(_in_worker, fn, n, inference, autocast, g) for g, n in zip(groups, threads)]
+    return [f.result() for f in futures]
