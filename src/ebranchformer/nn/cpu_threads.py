@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .autocast import cpu_autocast_dtype
+
 __all__ = ["available", "plan_groups", "run_groups"]
 
 _state = threading.local()  # .worker: True on this module's worker threads (no nested splitting)
@@ -113,7 +115,7 @@ def run_groups(fn: Callable[..., Any], groups: Sequence[Sequence[Any]], threads:
         raise ValueError(f"threads must have one entry per group ({len(groups)}), got {len(threads)}")
     if not available():
         raise RuntimeError("per-thread intra-op thread counts are not available here (see cpu_threads.available)")
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    autocast = cpu_autocast_dtype()
     pool = _executor(len(groups))
     inference = torch.is_inference_mode_enabled()
     futures = [pool.submit(_in_worker, fn, n, inference, autocast, g) for g, n in zip(groups, threads)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autocast import cpu_autocast_dtype
+
 __all__ = ["depthwise_conv_time"]
 
 
@@ -20,7 +22,7 @@ def depthwise_conv_time(
     """
     c = weight.shape[0]
     cpu = x.device.type == "cpu"
-    autocast = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else None
+    autocast = cpu_autocast_dtype() if cpu else None
     if fast and c < 32 and cpu and torch.bfloat16 in (x.dtype, autocast):
         fast = False  # oneDNN's bf16 channels-last depthwise conv never returns for 2-16 channels (torch 2.13.0)
     if fast:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from .autocast import cpu_autocast_dtype
+
 __all__ = ["Linear", "linear"]
 
 try:
@@ -47,9 +49,10 @@ def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor, grads: bool) -> torch.d
     autocast; bf16 under CPU bf16 autocast without gradients (inference; training keeps autocast's ``F.linear``)."""
     if _OP is None or x.device.type != "cpu" or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
-    if not torch.is_autocast_enabled("cpu"):
+    autocast = cpu_autocast_dtype()
+    if autocast is None:
         return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
-    ok = torch.get_autocast_dtype("cpu") == torch.bfloat16 and not grads
+    ok = autocast == torch.bfloat16 and not grads
     return torch.bfloat16 if ok and {x.dtype, weight.dtype} <= {torch.float32, torch.bfloat16} else None
 
 

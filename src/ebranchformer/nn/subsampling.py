@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import register
+from .autocast import cpu_autocast_dtype
 from .conv_blocks import conv_len, conv_stack_blocks, conv_stack_train
 from .frontend import Frontend
 from .linear import Linear, linear
@@ -131,7 +132,7 @@ class Conv2dSubsampling(Frontend):
             for k, s in convs:
                 valids.append(lengths_to_valid(n, size)[:, None, :, None])  # (B, 1, T_l, 1)
                 n, size = conv_len(n, k, s), conv_len(size, k, s)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = cpu_autocast_dtype() or x.dtype
         weights = [(conv.weight.to(dtype), conv.bias.to(dtype)) for conv in self.convs]
         train = torch.is_grad_enabled()
         size = 2 * b * self.in_dim * self.out_dim * torch.finfo(dtype).bits // 8  # bytes per output frame
