@@ -1,11 +1,13 @@
 """CPU inference on groups of batch rows, one group per thread.
 
-With N intra-op threads, a forward over the whole batch runs each op on N threads, and every op pays its
-threads' start and join, and uneven splits of small products (the attention's K = 64 products, its per-block
-softmax). Split into N groups of rows, each run by its own thread with one intra-op thread, the same ops run
-without that overhead: on the project's 2-core CPU, the LibriSpeech-100 encoder forward (8 x 20 s, fp32) took
-0.90x the time (in one process, alternating rounds; BENCHMARKS.md). Training is not split: there the autograd
-engine and the gradient accumulation into shared parameters made the same split slower (1.10x).
+With N intra-op threads, a forward over the whole batch runs each op on N threads. Many of the encoder's ops
+get less than N times one thread's speed that way: on the project's 2-core CPU, half the LibriSpeech-100 batch
+(4 x 20 s) on one thread took 1.02 s in the Linear layers, 0.54 s in the convolutions and 0.22 s in SDPA, where
+the whole batch on two threads took 1.12, 0.61 and 0.29 s (each op timed on its own, one forward). Split into N
+groups of rows, each run by its own thread with its share of the intra-op threads, the forward took 0.87x the
+time in fp32 and 0.86x under bf16 autocast (in one process, alternating with the one-pass forward, 8 rounds;
+BENCHMARKS.md). Training is not split: there one thread on half the batch took as long as two threads on the
+whole batch (8.19 vs 8.07 s a step), and a split training step measured 1.10x.
 
 The intra-op thread count of a worker thread is set for that thread alone: OpenMP's ``omp_set_num_threads``
 acts on the calling thread's own setting, and MKL's ``MKL_Set_Num_Threads_Local`` likewise, so the caller's and

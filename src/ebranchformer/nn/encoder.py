@@ -138,7 +138,7 @@ class ConformerEncoder(nn.Module):
         self._recompute_attention = True
         self._gradient_checkpointing = False
         # CPU inference (eval mode, no gradients) on groups of batch rows, one thread each with its share of the
-        # intra-op threads (nn.cpu_threads): same values per row, 0.90x the time on 2 threads at ls100 size
+        # intra-op threads (nn.cpu_threads): same values per row, 0.87x the time on 2 threads at ls100 size
         self.split_rows = True
         init_parameters(self, cfg.init)
 
