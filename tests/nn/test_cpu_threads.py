@@ -4,6 +4,7 @@ same values as one pass, the worker threads' own intra-op thread counts and thre
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -45,6 +46,24 @@ def test_workers_run_with_their_own_thread_counts_and_leave_the_callers():
         assert torch.get_num_threads() == 4
         # on a worker thread nothing is split again
         assert cpu_threads.run_groups(lambda: cpu_threads.plan_groups(8), [()], [1]) == [[]]
+
+
+def test_run_groups_on_a_worker_runs_inline_without_deadlock():
+    def inner():  # 3 groups inside each of 2 busy workers: queued on the same pool they would never start
+        with torch.no_grad():
+            return threading.get_ident(), cpu_threads.run_groups(threading.get_ident, [(), (), ()], [1, 1, 1])
+
+    result = []
+
+    def outer():
+        with num_threads(2), torch.no_grad():
+            result.extend(cpu_threads.run_groups(inner, [(), ()], [1, 1]))
+
+    t = threading.Thread(target=outer, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "nested run_groups deadlocked"
+    assert len(result) == 2 and all(idents == [ident] * 3 for ident, idents in result)
 
 
 def test_workers_take_the_callers_modes():

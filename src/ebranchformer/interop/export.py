@@ -168,9 +168,9 @@ def _prepared(model: nn.Module, fast: bool) -> nn.Module:
         )
         enc.config = dataclasses.replace(enc.config, padding="masked")
     enc.set_fast_path(fast)
-    # CPU block loops depend on T (one graph needs one pass); the oneDNN custom op is not an ONNX operator. The whole
-    # model: the CTC head's Linear too.
-    switch_flags(model, ("chunked", "onednn"), False)
+    # CPU block loops depend on T and the row groups run in threads (one graph needs one pass); the oneDNN custom op
+    # is not an ONNX operator. The whole model: the CTC head's Linear too.
+    switch_flags(model, ("chunked", "onednn", "split_rows"), False)
     return model
 
 

@@ -110,13 +110,15 @@ def run_groups(fn: Callable[..., Any], groups: Sequence[Sequence[Any]], threads:
     (see :func:`plan_groups`), without gradients and under the caller's CPU autocast; the caller waits for all.
 
     Only for inference: raises ``RuntimeError`` when gradients are enabled. An exception in a group is raised
-    here."""
+    here. Called on a worker thread, it runs the groups there, one after another."""
     if torch.is_grad_enabled():
         raise RuntimeError("run_groups is for inference: call it under torch.no_grad() or torch.inference_mode()")
     if len(groups) != len(threads):
         raise ValueError(f"threads must have one entry per group ({len(groups)}), got {len(threads)}")
     if not available():
         raise RuntimeError("per-thread intra-op thread counts are not available here (see cpu_threads.available)")
+    if getattr(_state, "worker", False):  # on a worker already: waiting for the pool's other workers could deadlock
+        return [fn(*g) for g in groups]
     autocast = cpu_autocast_dtype()
     pool = _executor(len(groups))
     inference = torch.is_inference_mode_enabled()
