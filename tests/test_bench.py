@@ -18,6 +18,7 @@ from ebranchformer.bench.measure import cpu_peak_rss
 from ebranchformer.bench.presets import PRESETS, batch_lengths, get_preset
 from ebranchformer.bench.report import markdown, write_outputs
 from ebranchformer.bench.runner import check_agreement, default_impls
+from ebranchformer.nn import cpu_threads
 
 REFS = available_references()
 needs_espnet = pytest.mark.skipif(not REFS["espnet"], reason="espnet is not installed")
@@ -122,6 +123,10 @@ def test_files_are_written(tiny_result):
     assert "forward (eval, no grad)" in md and "forward+backward (train)" in md and "MFU" in md
     for name in res["impls"]:
         assert f"| {name} |" in md
+    # the report says when our forward ran as row groups in threads: never with one thread
+    assert res["env"]["row_groups"] == cpu_threads.available() and "groups of rows" not in md
+    two = {**res, "env": {**res["env"], "torch_threads": 2}}
+    assert ("groups of rows" in markdown(two)) == cpu_threads.available()
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv2d6", "conv2d8"])

@@ -3,7 +3,9 @@
 Implementations (``name``: what it is):
 
 - ``ours``: our ``ConformerEncoder`` built from the ESPnet ``encoder_conf`` with ESPnet's weights
-  (:func:`~ebranchformer.interop.espnet.load_espnet_encoder`); bf16 autocast when ``--dtype bf16``.
+  (:func:`~ebranchformer.interop.espnet.load_espnet_encoder`); bf16 autocast when ``--dtype bf16``. Its forward
+  (eval, no grad) on the CPU runs the batch as groups of rows, one thread each, as the library does by default
+  (``ConformerEncoder.split_rows``, :mod:`~ebranchformer.nn.cpu_threads`); the report says so.
 - ``ours_fp32``: the same module in float32 (only added for ``--dtype bf16``, to show bf16's own gain).
 - ``espnet``: ESPnet 202511 ``EBranchformerEncoder`` (always float32).
 - ``ours_layers`` / ``returnn_layers``: RETURNN's ``ConformerEncoder`` + ``EBranchformerLayer`` without a

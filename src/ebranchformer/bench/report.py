@@ -48,7 +48,9 @@ def _header(res: dict[str, Any]) -> list[str]:
         f"{p['description']}.",
         "",
         f"- device: {opts['device']} ({dev}), torch threads {env['torch_threads']}, dtype {opts['dtype']} "
-        f"(references always fp32), our padding mode `{opts['padding']}`",
+        f"(references always fp32), our padding mode `{opts['padding']}`"
+        + ("; our forward (eval, no grad) runs the batch as groups of rows, one thread each (`split_rows`)"
+           if env.get("row_groups") and env["torch_threads"] > 1 else ""),
         f"- versions: torch {env['torch']}, espnet {env['espnet']}, returnn {env['returnn']}, "
         f"ebranchformer {env['ebranchformer']} (git {env['git_commit']}), python {env['python']}",
         f"- {opts['repeats']} timed runs after {opts['warmup']} warm-up runs per implementation, interleaved; "

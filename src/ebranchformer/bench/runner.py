@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..nn import cpu_threads
 from .flops import TRAIN_FLOP_FACTOR, flop_shares, matmul_peak, quadratic_crossover_frames
 from .impls import Impl, available_references, build_impls, set_batch
 from .measure import cpu_peak_rss, cuda_peak_memory, summarize, time_interleaved
@@ -103,6 +104,7 @@ def environment(device: str) -> dict[str, Any]:
         "returnn": _version("returnn"), "ebranchformer": _version("ebranchformer"), "git_commit": _git_commit(),
         "platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "row_groups": device == "cpu" and cpu_threads.available(),  # ours' CPU inference, nn.cpu_threads
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
     if hasattr(os, "getloadavg"):
