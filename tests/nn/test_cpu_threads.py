@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -141,3 +142,26 @@ def test_encoder_splits_only_cpu_inference(monkeypatch):
             enc(x, n, ctc=ctc)
         assert calls == [2]
     torch.testing.assert_close(y_split, y_grad.detach(), atol=1e-5, rtol=0)
+
+
+def test_counted_profiled_or_traced_calls_are_not_split():
+    """FlopCounterMode, the profiler and jit tracing are thread-local: split, the groups' ops would escape them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    enc = small_encoder(build_dict(Conv2dSubsampling, kind="conv2d")).eval()
+    x, n = torch.randn(4, 60, 24), torch.tensor([60, 50, 40, 30])
+    with num_threads(2), torch.no_grad():
+        assert cpu_threads.plan_groups(4) == [1, 1]
+        flops = {}
+        for split in (False, True):
+            enc.split_rows = split
+            with FlopCounterMode(display=False) as fc:
+                enc(x, n)
+            flops[split] = fc.get_total_flops()
+            with torch.profiler.profile() as prof:
+                enc(x, n)
+            assert any("linear" in e.key for e in prof.key_averages())
+        assert flops[True] == flops[False] > 0
+        with mock.patch.object(torch._C, "_get_tracing_state", lambda: object()):
+            assert cpu_threads.plan_groups(4) == []

@@ -67,13 +67,26 @@ def available() -> bool:
     return _runtime is not None
 
 
+def _caller_watched() -> bool:
+    """Whether the calling thread's ops are being watched through thread-local state that worker threads would
+    not share: a Python dispatch or function mode (``FlopCounterMode``, the fake tensors of ``torch.compile``'s
+    tracing, ...), the profiler, or ``torch.jit.trace``. Their ops must run on the caller's thread."""
+    return (
+        torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._len_torch_function_stack() > 0
+        or torch.autograd._profiler_enabled()
+        or torch._C._get_tracing_state() is not None
+    )
+
+
 def plan_groups(batch: int) -> list[int]:
     """Intra-op threads for each group of rows of a ``batch``-row CPU inference, one group per entry; ``[]`` when
-    nothing is split (one row, one thread, on a worker thread already, or :func:`available` is False).
+    nothing is split: one row, one thread, on a worker thread already, :func:`available` False, or the caller's
+    ops being counted, profiled or traced (a dispatch or function mode, the profiler, ``torch.jit.trace``).
 
     The caller's ``torch.get_num_threads()`` threads are shared out over min(batch, threads) groups."""
     threads = torch.get_num_threads()
-    if batch < 2 or threads < 2 or getattr(_state, "worker", False) or not available():
+    if batch < 2 or threads < 2 or getattr(_state, "worker", False) or not available() or _caller_watched():
         return []
     groups = min(batch, threads)
     return [threads // groups + (i < threads % groups) for i in range(groups)]
