@@ -33,7 +33,8 @@ def num_threads(n: int):
 
 @pytest.mark.parametrize(
     ("threads", "batch", "plan"),
-    [(2, 8, [1, 1]), (2, 2, [1, 1]), (2, 1, []), (1, 8, []), (4, 3, [2, 1, 1]), (4, 8, [1, 1, 1, 1]), (5, 2, [3, 2])],
+    [(2, 8, [1, 1]), (2, 2, [1, 1]), (2, 1, []), (1, 8, []), (4, 3, [2, 1, 1]), (4, 8, [1, 1, 1, 1]), (5, 2, [3, 2]),
+     (16, 8, [4, 4, 4, 4]), (7, 16, [2, 2, 2, 1])],
 )
 def test_plan_shares_the_threads_out_over_the_groups(threads, batch, plan):
     with num_threads(threads):

@@ -31,6 +31,9 @@ from .autocast import cpu_autocast_dtype
 
 __all__ = ["available", "plan_groups", "run_groups"]
 
+# At most this many groups: each group's Python-level dispatch holds the GIL, so many small groups would queue on
+# it. Measured with 2 groups only (2 cores); 4 is a bound chosen without a measurement on a larger machine.
+MAX_GROUPS = 4
 _state = threading.local()  # .worker: True on this module's worker threads (no nested splitting)
 _lock = threading.Lock()
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child builds its own
@@ -84,11 +87,12 @@ def plan_groups(batch: int) -> list[int]:
     nothing is split: one row, one thread, on a worker thread already, :func:`available` False, or the caller's
     ops being counted, profiled or traced (a dispatch or function mode, the profiler, ``torch.jit.trace``).
 
-    The caller's ``torch.get_num_threads()`` threads are shared out over min(batch, threads) groups."""
+    The caller's ``torch.get_num_threads()`` threads are shared out over min(batch, threads, :data:`MAX_GROUPS`)
+    groups."""
     threads = torch.get_num_threads()
     if batch < 2 or threads < 2 or getattr(_state, "worker", False) or not available() or _caller_watched():
         return []
-    groups = min(batch, threads)
+    groups = min(batch, threads, MAX_GROUPS)
     return [threads // groups + (i < threads % groups) for i in range(groups)]
 
 
