@@ -46,6 +46,9 @@ def test_workers_run_with_their_own_thread_counts_and_leave_the_callers():
         got = cpu_threads.run_groups(lambda: torch.get_num_threads(), [(), (), ()], [2, 1, 1])
         assert got == [2, 1, 1]
         assert torch.get_num_threads() == 4
+        info = torch.__config__.parallel_info()  # this thread's OpenMP and MKL counts, as torch reports them
+        assert "omp_get_max_threads() : 4" in info
+        assert "mkl_get_max_threads()" not in info or "mkl_get_max_threads() : 4" in info
         # on a worker thread nothing is split again
         assert cpu_threads.run_groups(lambda: cpu_threads.plan_groups(8), [()], [1]) == [[]]
 
