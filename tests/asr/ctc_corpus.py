@@ -35,15 +35,20 @@ _FREQS = {"a": 350.0, "b": 700.0, "c": 1200.0, "d": 2000.0}
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread (restored afterwards). The tiny models gain nothing from more, and
-    on a shared, busy machine OpenMP threads waiting for each other make training runs 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch on ``n`` intra-op threads (the previous count restored afterwards)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(saved)
+
+
+def single_thread() -> contextlib.AbstractContextManager[None]:
+    """Run torch on one intra-op thread (restored afterwards). The tiny models gain nothing from more, and
+    on a shared, busy machine OpenMP threads waiting for each other make training runs 10-20x slower."""
+    return torch_threads(1)
 
 
 def tone_wave(text: str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

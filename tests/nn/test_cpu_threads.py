@@ -3,7 +3,6 @@ same values as one pass, the worker threads' own intra-op thread counts and thre
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from unittest import mock
 
@@ -16,19 +15,10 @@ from ebranchformer import Conv2dSubsampling, build_dict
 from ebranchformer.nn import cpu_threads
 from ebranchformer.nn import encoder as encoder_module
 
+from ..asr.ctc_corpus import torch_threads
 from .conftest import perturb_, small_encoder
 
 pytestmark = pytest.mark.skipif(not cpu_threads.available(), reason="torch here has no OpenMP backend")
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize(
@@ -37,12 +27,12 @@ def num_threads(n: int):
      (16, 8, [4, 4, 4, 4]), (7, 16, [2, 2, 2, 1])],
 )
 def test_plan_shares_the_threads_out_over_the_groups(threads, batch, plan):
-    with num_threads(threads):
+    with torch_threads(threads):
         assert cpu_threads.plan_groups(batch) == plan
 
 
 def test_workers_run_with_their_own_thread_counts_and_leave_the_callers():
-    with num_threads(4), torch.no_grad():
+    with torch_threads(4), torch.no_grad():
         got = cpu_threads.run_groups(lambda: torch.get_num_threads(), [(), (), ()], [2, 1, 1])
         assert got == [2, 1, 1]
         assert torch.get_num_threads() == 4
@@ -61,7 +51,7 @@ def test_run_groups_on_a_worker_runs_inline_without_deadlock():
     result = []
 
     def outer():
-        with num_threads(2), torch.no_grad():
+        with torch_threads(2), torch.no_grad():
             result.extend(cpu_threads.run_groups(inner, [(), ()], [1, 1]))
 
     t = threading.Thread(target=outer, daemon=True)
@@ -76,7 +66,7 @@ def test_workers_take_the_callers_modes():
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
                 torch.get_autocast_dtype("cpu"))  # fmt: skip
 
-    with num_threads(2):
+    with torch_threads(2):
         with torch.no_grad():
             assert cpu_threads.run_groups(modes, [()], [1])[0][:3] == (False, False, False)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -111,7 +101,7 @@ def test_encoder_on_row_groups_equals_one_pass(lengths, padding, threads, seed):
     enc = perturb_(small_encoder(build_dict(Conv2dSubsampling, kind="conv2d"), padding=padding), seed=seed).eval()
     n = torch.tensor(lengths)
     x = torch.randn(len(lengths), max(lengths) + 3, 24)
-    with num_threads(threads), torch.no_grad():
+    with torch_threads(threads), torch.no_grad():
         enc.split_rows = False
         y0, n0, c0 = *enc(x, n, collected_outputs=(c0 := {})), c0
         enc.split_rows = True
@@ -132,7 +122,7 @@ def test_encoder_splits_only_cpu_inference(monkeypatch):
                         interctc_use_conditioning=True, vocab_size=7)  # fmt: skip
     ctc = torch.nn.Linear(32, 7)
     x, n = torch.randn(3, 40, 24), torch.tensor([40, 33, 21])
-    with num_threads(2):
+    with torch_threads(2):
         enc.eval()
         with torch.no_grad():
             y_split = enc(x, n, ctc=ctc)[0]  # interCTC conditioning runs inside the groups
@@ -155,7 +145,7 @@ def test_counted_profiled_or_traced_calls_are_not_split():
     torch.manual_seed(0)
     enc = small_encoder(build_dict(Conv2dSubsampling, kind="conv2d")).eval()
     x, n = torch.randn(4, 60, 24), torch.tensor([60, 50, 40, 30])
-    with num_threads(2), torch.no_grad():
+    with torch_threads(2), torch.no_grad():
         assert cpu_threads.plan_groups(4) == [1, 1]
         flops = {}
         for split in (False, True):
