@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ebranchformer import Conv2dSubsampling, Merge, RelPosSelfAttention, SelfAttention, build_dict
 from ebranchformer.nn import subsampling
 from ebranchformer.nn.attention import rel_shift
+from ebranchformer.nn.linear import onednn_float32
 
 from .conftest import perturb_, small_encoder
 
@@ -330,15 +331,83 @@ def test_blocked_cpu_attention_equals_plain(lengths, heads, block_bytes, dtype):
     torch.testing.assert_close(one_pass, plain, atol=tol, rtol=0)
 
 
+_ONEDNN = onednn_float32(torch.zeros(1))
+needs_onednn = pytest.mark.skipif(not _ONEDNN, reason="oneDNN is not built into this torch")
+
+
+@needs_onednn
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4), heads=st.sampled_from([1, 2, 4]))
+def test_blocked_cpu_attention_on_onednn_pairs_equals_plain(lengths, heads):
+    # attend_pairs, taken from T' >= _PAIRS_MIN_T on (448; 1 here), against the plain path (its blocks and
+    # sub-blocks: test_attend_pairs_equals_attend_blocks)
+    from ebranchformer.nn import attention
+
+    att = perturb_(RelPosSelfAttention(16, heads)).eval()
+    t = max(lengths)
+    x, valid = torch.randn(len(lengths), t, 16), _valid(lengths, t)
+    spy = mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs)
+    with torch.no_grad(), mock.patch.object(attention, "_PAIRS_MIN_T", 1), spy as pairs:
+        paired = att(x, valid)
+        assert pairs.call_count == 1
+        att.fast = False
+        plain = att(x, valid)
+    torch.testing.assert_close(paired, plain, atol=1e-5, rtol=0)
+
+
+@needs_onednn
+def test_onednn_pairs_only_for_float32_from_the_threshold_on():
+    from ebranchformer.nn import attention
+
+    att = perturb_(RelPosSelfAttention(16, 2)).eval()
+    x, valid = torch.randn(2, 30, 16), _valid([30, 12], 30)
+    spy = mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs)
+    with torch.no_grad(), spy as pairs:
+        with mock.patch.object(attention, "_PAIRS_MIN_T", 31):
+            att(x, valid)  # T' = 30 < 31: SDPA in blocks
+        with mock.patch.object(attention, "_PAIRS_MIN_T", 30):
+            att.double()(x.double(), valid)  # float64: SDPA in blocks
+            att.float().onednn = False
+            att(x, valid)  # switched off (set_fast_path(False) / set_cpu_blocks(False) do this)
+            assert pairs.call_count == 0
+            att.onednn = True
+            att(x, valid)
+    assert pairs.call_count == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("pos_rows", [1, 5, 128])
+@pytest.mark.parametrize("block_bytes", [1, 700, 1 << 30])
+@pytest.mark.parametrize("relpos", [True, False])
+def test_attend_pairs_equals_attend_blocks(pos_rows, block_bytes, relpos):
+    # the module's strided (B, H, T, dk) views of (B, T, H, dk) tensors, a padded row, sub-blocks of 1 to 128 rows
+    from ebranchformer.nn.blocked_attention import attend_blocks, attend_pairs
+
+    b, h, t, dk = 3, 2, 41, 8
+    qu, k, v, qv = (torch.randn(b, t, h, dk).transpose(1, 2) for _ in range(4))  # (B, H, T, dk) views
+    p = torch.randn(2 * t - 1, h, dk).transpose(0, 1) if relpos else None  # (H, 2T-1, dk) view
+    qv = qv if relpos else None
+    key_bias = torch.zeros(b, 1, 1, t).masked_fill_(~_valid([41, 20, 3], t)[:, None, None], float("-inf"))
+    with torch.no_grad():
+        ref = attend_blocks(qu, k, v, qv, p, key_bias, 16)
+        out = attend_pairs(qu, k, v, qv, p, key_bias, block_bytes, pos_rows=pos_rows)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pairs_from", [1, 448])  # the float32 blocks on oneDNN pairs (1) or SDPA (448 > T')
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
-def test_blocked_cpu_attention_under_bf16_autocast(block_bytes):
+def test_blocked_cpu_attention_under_bf16_autocast(block_bytes, pairs_from):
     # under bf16 autocast the inference blocks run in float32 on the bf16 projections (q, k, v and the position
     # table): within bf16 rounding of the one-pass path (SDPA in bf16) and of the float32 module
     from ebranchformer.nn import attention
 
     att = perturb_(RelPosSelfAttention(32, 4)).eval()
     x, valid = torch.randn(3, 61, 32), _valid([61, 40, 7], 61)
-    with torch.no_grad(), mock.patch.object(attention, "_BLOCK_BYTES", block_bytes):
+    with (
+        torch.no_grad(),
+        mock.patch.object(attention, "_BLOCK_BYTES", block_bytes),
+        mock.patch.object(attention, "_PAIRS_MIN_T", pairs_from),
+    ):
         ref = att(x, valid)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             blocked = att(x, valid)

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import register
-from .blocked_attention import attend_blocks, attend_blocks_train, block_rows
+from .blocked_attention import attend_blocks, attend_blocks_train, attend_pairs, block_rows
 from .dropout import Dropout, keep_mask
-from .linear import Linear
+from .linear import Linear, onednn_float32
 from .norm import LayerNorm
 from .posenc import legacy_rel_pos_table, rel_pos_table
 
@@ -22,6 +22,10 @@ __all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legac
 _HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
 _BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) scores on the blocked CPU path (inference)
 _TRAIN_BLOCK_BYTES = 4 << 20  # ... and in training
+# Inference from this many frames T' on: attend_pairs (oneDNN products, one (row, head) pair at a time, scores in
+# blocks of _PAIR_BLOCK_BYTES) instead of SDPA in blocks; below it SDPA was faster (blocked_attention.attend_pairs)
+_PAIRS_MIN_T = 448
+_PAIR_BLOCK_BYTES = 2 << 20
 
 
 def _key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,6 +81,8 @@ class _MultiHeadBase(nn.Module):
         # The blocked CPU training path recomputes in its own backward; with keep_probs it keeps the (B, H, T, T)
         # softmax probabilities instead (ConformerEncoder.recompute_attention = False sets it).
         self.keep_probs = False
+        # CPU float32 inference from T' >= _PAIRS_MIN_T on: the blocked path's products on oneDNN (attend_pairs)
+        self.onednn = True
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -107,11 +113,18 @@ class _MultiHeadBase(nn.Module):
                 # this), and scores and softmax keep float32 precision
                 with torch.autocast(qu.device.type, enabled=False):
                     args = [None if x is None else x.float() for x in (qu, k, v, qv, p, key_bias)]
-                    return attend_blocks(*args, block)
-            return attend_blocks(qu, k, v, qv, p, key_bias, block)
+                    return self._infer_blocks(*args, block)
+            return self._infer_blocks(qu, k, v, qv, p, key_bias, block)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)
+
+    def _infer_blocks(self, qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
+        """Blocked inference: oneDNN's products one (row, head) pair at a time for float32 from T' >=
+        ``_PAIRS_MIN_T`` on (:func:`~.blocked_attention.attend_pairs`), else SDPA in blocks of ``block`` queries."""
+        if self.onednn and qu.shape[2] >= _PAIRS_MIN_T and onednn_float32(qu, k, v):
+            return attend_pairs(qu, k, v, qv, p, key_bias, _PAIR_BLOCK_BYTES)
+        return attend_blocks(qu, k, v, qv, p, key_bias, block)
 
     def _core(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """``fn(*args)``, checkpointed in training when ``recompute`` is set."""

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .autocast import cpu_autocast_dtype
 
-__all__ = ["Linear", "linear"]
+__all__ = ["Linear", "linear", "onednn_float32", "onednn_linear"]
 
 try:
     _OP = torch.ops.mkldnn._linear_pointwise  # (X (N, K), W (M, K), B (M,) | None, attr, scalars, algorithm)
@@ -44,10 +44,21 @@ _ATTRS: dict[str, tuple[str, list, str]] = {
 _FUSED: dict[Callable, str] = {F.silu: "swish", F.gelu: "gelu", F.relu: "relu"}
 
 
+def _onednn_built() -> bool:
+    return _OP is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def onednn_float32(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`onednn_linear` serves these tensors in float32: all float32 on the CPU, oneDNN built in and
+    enabled, and no CPU autocast active."""
+    on_cpu = all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors)
+    return on_cpu and _onednn_built() and cpu_autocast_dtype() is None
+
+
 def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor, grads: bool) -> torch.dtype | None:
     """The dtype the oneDNN path computes in, or None for ``F.linear``: float32 for float32 CPU tensors outside
     autocast; bf16 under CPU bf16 autocast without gradients (inference; training keeps autocast's ``F.linear``)."""
-    if _OP is None or x.device.type != "cpu" or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    if x.device.type != "cpu" or not _onednn_built():
         return None
     autocast = cpu_autocast_dtype()
     if autocast is None:
