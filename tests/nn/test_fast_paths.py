@@ -407,12 +407,14 @@ def test_blocked_cpu_attention_under_bf16_autocast(block_bytes, pairs_from):
         torch.no_grad(),
         mock.patch.object(attention, "_BLOCK_BYTES", block_bytes),
         mock.patch.object(attention, "_PAIRS_MIN_T", pairs_from),
+        mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs) as pairs,
     ):
         ref = att(x, valid)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             blocked = att(x, valid)
             att.chunked = False
             one_pass = att(x, valid)
+    assert pairs.call_count == (2 if pairs_from == 1 and _ONEDNN else 0)  # ref and blocked
     assert blocked.dtype == one_pass.dtype == torch.bfloat16
     scale = ref.abs().max()
     assert (blocked.float() - one_pass.float()).abs().max() <= 0.01 * scale

@@ -78,16 +78,17 @@ def attend_blocks(qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
 def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 128) -> torch.Tensor:
     """Inference in float32 on the CPU, the same values as :func:`attend_blocks`: one (batch row, head) pair at a
     time, in blocks of queries whose (r, T) scores take about ``block_bytes`` (r a multiple of ``pos_rows``, at
-    least one); each block's positional term in sub-blocks of ``pos_rows`` queries (a sub-block of n needs T + n - 1 table rows). The products q k^T, the
-    positional q p^T and softmax(scores) v run on oneDNN (:func:`~.linear.onednn_linear`); the key mask is added
-    only on rows with padding. Returns (B, T, H*dk).
+    least one); each block's positional term in sub-blocks of ``pos_rows`` queries (a sub-block of n needs T + n - 1
+    table rows). The products q k^T, the positional q p^T and softmax(scores) v run on oneDNN
+    (:func:`~.linear.onednn_linear`); the key mask is added only on rows with padding. Returns (B, T, H*dk).
 
     oneDNN is slow on non-contiguous operands (seconds for a strided slice), so k (pre-scaled), v^T, the queries
     and the table are first copied dense, once per call.
 
-    Measured against :func:`attend_blocks` in the ls100 encoder's forward (2 threads, the batch in two row groups
-    of one thread each, alternating in one process): 0.97x at T' = 499; one 80 s utterance (T' = 2000): 0.90x;
-    slower below T' of about 450 (1.02-1.05x at T' = 124-399 for one row), where the caller keeps SDPA."""
+    Measured against :func:`attend_blocks` in the encoder's forward (2 threads, alternating in one process;
+    BENCHMARKS.md): 0.977x for the ls100 batch at T' = 499 (two row groups of one thread each), 0.917x for one 80 s
+    utterance (T' = 1999); slower below T' of about 450 (1.02-1.05x at T' = 124-399 for one row), where the caller
+    keeps SDPA."""
     b_, h_, t, dk = qu.shape
     dense = (b_, h_, t, dk)
     quc = qu.contiguous()  # (B, H, T, dk)

@@ -209,13 +209,15 @@ class ConformerEncoder(nn.Module):
 
     def set_fast_path(self, enabled: bool) -> ConformerEncoder:
         """Switch every fused/fast computation (attention via SDPA, strided rel-shift, split merge, oneDNN Linear
-        layers, CPU inference on row groups in threads) on or off; off is the plain reference path."""
+        layers and attention products, CPU inference on row groups in threads) on or off; off is the plain reference
+        path."""
         switch_flags(self, ("fast", "onednn", "split_rows"), enabled)
         return self
 
     def set_cpu_blocks(self, enabled: bool) -> ConformerEncoder:
         """Switch the CPU-only paths on or off: the conv2d frontend and the attention in blocks (``chunked``), the
-        oneDNN Linear layers (``onednn``, :mod:`~ebranchformer.nn.linear`) and inference on groups of batch rows
+        oneDNN Linear layers and attention products (``onednn``, :mod:`~ebranchformer.nn.linear`,
+        :func:`~ebranchformer.nn.blocked_attention.attend_pairs`) and inference on groups of batch rows
         in threads (``split_rows``, :mod:`~ebranchformer.nn.cpu_threads`). The block loops depend on T', so turn
         them off for one graph for every length (``torch.export``, ``torch.compile(dynamic=True)``); the oneDNN
         Linear is a custom op of this package, which ONNX does not know."""
