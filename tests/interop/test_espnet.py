@@ -93,6 +93,29 @@ def test_matches_espnet(name, dtype):
 
 
 @pytest.mark.parity
+def test_matches_espnet_from_the_onednn_attention_threshold_on():
+    # T' = 474 >= 448: the attention's inference runs on oneDNN pairs (attend_pairs), one (row, head) at a time
+    from unittest import mock
+
+    from ebranchformer.nn import attention
+    from ebranchformer.nn.linear import onednn_float32
+
+    conf = CONFIGS["ls100_conv2d"]
+    ref = _espnet_encoder(conf, 40, torch.float32)
+    ours = load_espnet_encoder(conf, 40, ref.state_dict()).eval()
+    x, lengths = _batch(40, torch.float32, b=2, t=1900)
+    spy = mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs)
+    with torch.no_grad(), spy as pairs:
+        out, olens, _ = ref(x, lengths)
+        y, ylens = ours(x, lengths)
+    assert out.shape[1] == 474 and torch.equal(ylens, olens.long())
+    assert pairs.call_count >= (len(ref.encoders) if onednn_float32(x) else 0)  # per layer, or per row group
+    for b in range(x.shape[0]):
+        n = int(olens[b])
+        torch.testing.assert_close(y[b, :n], out[b, :n], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parity
 def test_interctc_intermediate_outputs_match_espnet():
     conf = CONFIGS["interctc_selfcond"]
     ref = _espnet_encoder(conf, 40, torch.float64)
