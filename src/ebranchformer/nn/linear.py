@@ -48,13 +48,6 @@ def _onednn_built() -> bool:
     return _OP is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
-def onednn_float32(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`onednn_linear` serves these tensors in float32: all float32 on the CPU, oneDNN built in and
-    enabled, and no CPU autocast active."""
-    on_cpu = all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors)
-    return on_cpu and _onednn_built() and cpu_autocast_dtype() is None
-
-
 def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor, grads: bool) -> torch.dtype | None:
     """The dtype the oneDNN path computes in, or None for ``F.linear``: float32 for float32 CPU tensors outside
     autocast; bf16 under CPU bf16 autocast without gradients (inference; training keeps autocast's ``F.linear``)."""
@@ -99,6 +92,12 @@ def linear(
         return onednn_linear(x2, weight, bias, _FUSED[activation]).view(*lead, -1)  # (..., M)
     y = onednn_linear(x2, weight, bias, "none").view(*lead, -1)  # (..., M)
     return y if activation is None else activation(y)
+
+
+def onednn_float32(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`onednn_linear` serves these tensors in float32 (:func:`linear`'s own choice for them): all
+    float32 on the CPU, oneDNN built in and enabled, and no CPU autocast active."""
+    return all(_onednn_dtype(x, x, grads=False) == torch.float32 for x in tensors)
 
 
 # A custom op, so that torch.compile and torch.export see one opaque node with a shape rule (inductor cannot lower
