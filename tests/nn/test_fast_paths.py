@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebranchformer import Conv2dSubsampling, Merge, RelPosSelfAttention, SelfAttention, build_dict
+from ebranchformer import (
+    ConformerConvSubsample,
+    Conv2dSubsampling,
+    Merge,
+    RelPosSelfAttention,
+    SelfAttention,
+    build_dict,
+)
 from ebranchformer.nn import subsampling
 from ebranchformer.nn.attention import rel_shift
 from ebranchformer.nn.linear import onednn_float32
@@ -242,6 +249,84 @@ def test_chunked_cpu_frontend_equals_plain(kind, lengths, padding, block_bytes, 
     assert len(g_fast) == len(g_plain) == (2 * len(sub.convs) + 2 if train else 0)
     for a, b in zip(g_fast, g_plain):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # sums over up to 4 x 90 x 20 products
+
+
+_sizes = st.one_of(st.integers(1, 4), st.tuples(st.integers(1, 4), st.integers(1, 3)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    convs=st.lists(st.tuples(st.integers(1, 3), _sizes, _sizes), min_size=1, max_size=3),
+    pools=st.lists(_sizes, max_size=3),
+    conv_padding=st.sampled_from(["same", "valid"]),
+    activation=st.sampled_from(["relu", "swish"]),
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    padding=st.sampled_from(["masked", "espnet_legacy"]),
+    grad=st.booleans(),
+    chunked=st.booleans(),
+)
+def test_conv_subsample_fast_equals_plain(convs, pools, conv_padding, activation, lengths, padding, grad, chunked):
+    # RETURNN's frontend: channels-last, pads inside the conv, strided-maximum pools, no -inf fill for one-frame
+    # pool windows; without gradients on the CPU (chunked) also in-place ReLU and tail-only masks. Loud padding
+    # (1e3) makes a missed mask visible; the caller's input stays as it was.
+    try:
+        sub = ConformerConvSubsample(
+            13, out_dims=[c for c, _, _ in convs], filter_sizes=[k for _, k, _ in convs],
+            strides=[s for _, _, s in convs], pool_sizes=pools[: len(convs)], activation=activation,
+            padding=conv_padding,
+        ).double()  # fmt: skip
+    except ValueError:  # the frequency axis vanishes for this draw
+        return
+    perturb_(sub)
+    n = torch.tensor(lengths) + sub.min_length
+    t = int(n.max()) + 2
+    valid = torch.arange(t)[None, :] < n[:, None]
+    x = torch.where(valid[:, :, None], torch.randn(len(lengths), t, 13, dtype=torch.float64), 1e3)
+    x0 = x.clone()
+    sub.chunked = chunked
+    outs = []
+    for fast in (True, False):
+        sub.fast = fast
+        if grad:
+            outs.append(_output_and_grads(sub, (x, n), lambda m, x, n: m(x, n, padding=padding)[0], 0))
+        else:
+            with torch.no_grad():
+                y, m = sub(x, n, padding=padding)
+            outs.append((y, [m]))
+    (y_fast, g_fast), (y_plain, g_plain) = outs
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(y_fast, y_plain, atol=1e-12, rtol=0)
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_conv6_frontend_fast_equals_plain_in_float32(grad):
+    # RETURNN's standard "conv6" (oneDNN's float32 kernels in both layouts), the in-place inference path included
+    sub = perturb_(ConformerConvSubsample(
+        80, out_dims=[32, 64, 64], filter_sizes=[(3, 3)] * 3, pool_sizes=[(1, 2)], strides=[(1, 1), (3, 1), (2, 1)]
+    ))  # fmt: skip
+    n = torch.tensor([300, 271, 17])
+    x = torch.randn(3, 300, 80)
+    outs = []
+    for fast in (True, False):
+        sub.fast = fast
+        with torch.set_grad_enabled(grad):
+            outs.append(_output_and_grads(sub, (x, n), lambda m, x, n: m(x, n)[0], 0) if grad else (sub(x, n)[0], []))
+    (y_fast, g_fast), (y_plain, g_plain) = outs
+    torch.testing.assert_close(y_fast, y_plain, atol=1e-5, rtol=0)
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_subsample_fast_path_has_no_graph_breaks():
+    # the tail-only masks read the lengths in Python: dynamo traces the whole-image masks instead
+    import torch._dynamo
+
+    sub = ConformerConvSubsample(20, out_dims=[4, 4], filter_sizes=[3, 3], pool_sizes=[(1, 2)], strides=[1, (2, 1)])
+    with torch.no_grad():
+        explained = torch._dynamo.explain(sub)(torch.randn(2, 30, 20), torch.tensor([30, 21]))
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_chunked_cpu_frontend_does_no_conv_work_on_padded_tails():
