@@ -218,9 +218,10 @@ class ConformerEncoder(nn.Module):
         """Switch the CPU-only paths on or off: the conv2d frontend and the attention in blocks, and the RETURNN
         frontend's in-place tail masks (``chunked``), the oneDNN Linear layers and attention products (``onednn``,
         :mod:`~ebranchformer.nn.linear`, :func:`~ebranchformer.nn.blocked_attention.attend_pairs`) and inference on
-        groups of batch rows in threads (``split_rows``, :mod:`~ebranchformer.nn.cpu_threads`). The block loops depend on T', so turn
-        them off for one graph for every length (``torch.export``, ``torch.compile(dynamic=True)``); the oneDNN
-        Linear is a custom op of this package, which ONNX does not know."""
+        groups of batch rows in threads (``split_rows``, :mod:`~ebranchformer.nn.cpu_threads`). The block loops
+        depend on T', so turn them off for one graph for every length (``torch.export``,
+        ``torch.compile(dynamic=True)``); the oneDNN Linear is a custom op of this package, which ONNX does not
+        know."""
         switch_flags(self, ("chunked", "onednn", "split_rows"), enabled)
         return self
 
