@@ -271,7 +271,8 @@ def _max_pool_same(h: torch.Tensor, pt: int, pf: int) -> torch.Tensor:
     whose gradient goes to one element of a tie (``maximum`` would split it), as the plain path's."""
     t, f = h.shape[2:]
     lt, lf = _same_pads(pt)[0], _same_pads(pf)[0]
-    rt, rf = -(-t // pt) * pt - lt - t, -(-f // pf) * pf - lf - f  # right pads to whole windows (< 0: a crop)
+    to, fo = _conv_len(t, pt, pt, "same"), _conv_len(f, pf, pf, "same")  # ceil(T/pt), ceil(F/pf) windows
+    rt, rf = to * pt - lt - t, fo * pf - lf - f  # right pads to whole windows (< 0: a crop)
     if lt or rt or lf or rf:
         h = F.pad(h, (lf, rf, lt, rt), value=float("-inf"))  # (B, C, ceil(T/pt) * pt, ceil(F/pf) * pf)
     if torch.is_grad_enabled():
