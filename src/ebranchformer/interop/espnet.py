@@ -104,8 +104,9 @@ def espnet_encoder_config(
     if kind == "abs":
         self_att: Any = build_dict(SelfAttention, qk_norm=bool(c["qk_norm"]))
     else:
+        # ESPnet's encoder hands zero_triu to rel_selfattn only: its legacy_rel_selfattn is built without it
         self_att = build_dict(
-            RelPosSelfAttention, zero_triu=bool(c["zero_triu"]), legacy=kind == "legacy",
+            RelPosSelfAttention, zero_triu=bool(c["zero_triu"]) and kind != "legacy", legacy=kind == "legacy",
             legacy_max_len=int(c["max_pos_emb_len"]), pos_emb_dropout=float(c["positional_dropout_rate"]),
         )  # fmt: skip
     use_ffn = bool(c["use_ffn"])
