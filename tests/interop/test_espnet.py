@@ -3,10 +3,13 @@ export round trip and parameter counts."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ebranchformer.interop.espnet import export_espnet_state_dict, load_espnet_encoder
 
@@ -36,6 +39,8 @@ CONFIGS = {
     "selfattn_abs_qknorm": {**SMALL, "attention_layer_type": "selfattn", "pos_enc_layer_type": "abs_pos",
                             "qk_norm": True, "use_flash_attn": False},
     "legacy_rel_pos": {**SMALL, "rel_pos_type": "legacy", "max_pos_emb_len": 300},
+    # ESPnet's encoder ignores zero_triu with the legacy attention (it does not pass it on)
+    "legacy_rel_pos_zero_triu": {**SMALL, "rel_pos_type": "legacy", "zero_triu": True},
     "zero_triu_single_ffn": {**SMALL, "zero_triu": True, "macaron_ffn": False},
     "no_ffn_espnet_defaults": {"output_size": 64, "cgmlp_linear_units": 96, "num_blocks": 2},
 }  # fmt: skip
@@ -113,6 +118,87 @@ def test_matches_espnet_from_the_onednn_attention_threshold_on():
     for b in range(x.shape[0]):
         n = int(olens[b])
         torch.testing.assert_close(y[b, :n], out[b, :n], atol=1e-4, rtol=0)
+
+
+@st.composite
+def _espnet_cases(draw):
+    """A random ESPnet encoder_conf (front end, widths, heads, kernels, gating, FFNs, positional encoding) and a
+    random batch of 1-4 rows, 16-640 frames, row 0 the longest (ESPnet needs T == max(lengths))."""
+    d = draw(st.sampled_from([32, 64, 128]))
+    legacy = draw(st.booleans())
+    conf = dict(
+        output_size=d,
+        attention_heads=draw(st.sampled_from([h for h in (1, 2, 4, 8) if d % h == 0])),
+        num_blocks=draw(st.integers(1, 2)),
+        cgmlp_linear_units=draw(st.sampled_from([2 * d, 4 * d])),
+        linear_units=draw(st.sampled_from([d, 4 * d])),
+        cgmlp_conv_kernel=draw(st.sampled_from([3, 7, 31])),
+        merge_conv_kernel=draw(st.sampled_from([3, 15, 31])),
+        input_layer=draw(st.sampled_from(["conv2d", "conv2d2", "conv2d6", "conv2d8", "linear", None])),
+        use_linear_after_conv=draw(st.booleans()),
+        gate_activation=draw(st.sampled_from(["identity", "tanh"])),
+        use_ffn=draw(st.booleans()),
+        macaron_ffn=draw(st.booleans()),
+        zero_triu=draw(st.booleans()),
+        rel_pos_type="legacy" if legacy else "latest",
+    )
+    t = draw(st.integers(16, 640))
+    rest = draw(st.lists(st.integers(16, t), max_size=3))
+    return conf, [t, *rest]
+
+
+@pytest.mark.parity
+@settings(max_examples=20, deadline=None)
+@given(case=_espnet_cases(), seed=st.integers(0, 2**16))
+def test_matches_espnet_on_random_configs_and_lengths(case, seed):
+    """ESPnet and ours, fast paths on (the encoder's defaults), over drawn configs and row lengths: the outputs of
+    every row agree on its valid frames, and the output lengths are equal."""
+    conf, lengths = case
+    input_size = conf["output_size"] if conf["input_layer"] is None else 40
+    ref = _espnet_encoder(conf, input_size, torch.float32)
+    ours = load_espnet_encoder(conf, input_size, ref.state_dict()).eval()
+    x = torch.randn(len(lengths), lengths[0], input_size, generator=torch.Generator().manual_seed(seed))
+    n = torch.tensor(lengths)
+    with torch.no_grad():
+        out, olens, _ = ref(x, n)
+        y, ylens = ours(x, n)
+    assert torch.equal(ylens, olens.long()) and y.shape == out.shape
+    for b, m in enumerate(olens.tolist()):
+        torch.testing.assert_close(y[b, :m], out[b, :m], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parity
+@settings(max_examples=12, deadline=None)
+@given(case=_espnet_cases(), seed=st.integers(0, 2**16))
+def test_training_step_matches_espnet_on_random_configs(case, seed):
+    """Train mode (dropouts 0, so both are deterministic), ours on its CPU training fast paths: the outputs and
+    every parameter's gradient of a loss over the valid frames equal ESPnet's."""
+    conf, lengths = case
+    conf = {**conf, "dropout_rate": 0.0, "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+    input_size = conf["output_size"] if conf["input_layer"] is None else 40
+    ref = _espnet_encoder(conf, input_size, torch.float32).train()
+    ours = load_espnet_encoder(conf, input_size, ref.state_dict()).train()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), lengths[0], input_size, generator=g)
+    n = torch.tensor(lengths)
+    out, olens, _ = ref(x, n)
+    y, _ = ours(x, n)
+    valid = (torch.arange(out.shape[1])[None] < olens[:, None])[..., None]  # (B, T', 1)
+    w = torch.randn(out.shape, generator=g) * valid
+    (out * w).sum().backward()
+    (y * w).sum().backward()
+    torch.testing.assert_close(y * valid, out * valid, atol=1e-4, rtol=0)
+    grads = copy.deepcopy(ours)  # our gradients under ESPnet's names, through the export mapping
+    with torch.no_grad():
+        for p, q in zip(grads.parameters(), ours.parameters()):
+            p.copy_(q.grad)
+    ours_g = export_espnet_state_dict(grads)
+    ref_grads = {name: p.grad for name, p in ref.named_parameters() if p.grad is not None}
+    floor = 1e-2 * max(g.abs().max().item() for g in ref_grads.values())  # for gradients that are (about) zero
+    for name, ref_g in ref_grads.items():
+        scale = max(ref_g.abs().max().item(), floor)
+        torch.testing.assert_close(ours_g[name] / scale, ref_g / scale, atol=1e-4, rtol=0, msg=name)
+    assert len(ref_grads) == len(list(ref.parameters()))
 
 
 @pytest.mark.parity

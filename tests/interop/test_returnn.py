@@ -459,3 +459,47 @@ def test_parity_with_returnn(rf, case):
         torch.testing.assert_close(y[i, :m], y_r[i, :m], rtol=0, atol=1e-4)
     exported = export_returnn_params(enc)  # and the round trip is exact
     assert exported.keys() == params.keys() and all(torch.equal(exported[k], params[k]) for k in params)
+
+
+@st.composite
+def _returnn_cases(draw):
+    """A random E-Branchformer encoder as RETURNN builds it (widths, heads, kernels, layers, conv6 or no front
+    end, masked or not) and a random batch of 1-3 rows, row 0 the longest."""
+    d = draw(st.sampled_from([32, 64]))
+    layer = {
+        "ff_dim": draw(st.sampled_from([d, 3 * d])),
+        "num_heads": draw(st.sampled_from([h for h in (1, 2, 4, 8) if d % h == 0])),
+        "cgmlp_ff_dim": draw(st.sampled_from([d // 2, 2 * d])),
+        "cgmlp_conv_kernel": draw(st.sampled_from([3, 7, 31])),
+        "merge_conv_kernel": draw(st.sampled_from([3, 5, 31])),
+    }
+    conv6 = draw(st.booleans())
+    t = draw(st.integers(6 if conv6 else 1, 400))
+    rest = draw(st.lists(st.integers(6 if conv6 else 1, t), max_size=2))
+    return d, layer, conv6, draw(st.booleans()), draw(st.integers(1, 2)), [t, *rest]
+
+
+@pytest.mark.parity
+@settings(max_examples=10, deadline=None)
+@given(case=_returnn_cases(), seed=st.integers(0, 2**16))
+def test_parity_with_returnn_on_random_configs_and_lengths(rf, case, seed):
+    """RETURNN and ours (fast paths on) over drawn layer options and row lengths: equal output lengths, and every
+    row's valid frames equal."""
+    d, layer, conv6, use_mask, num_layers, lengths = case
+    in_dim = 80 if conv6 else d
+    input_layer = CONV6 if conv6 else None
+    n = torch.tensor(lengths)
+    x = torch.randn(len(lengths), lengths[0], in_dim, generator=torch.Generator().manual_seed(seed))
+    params, y_r, n_r = _returnn_run(
+        rf, d=d, in_dim=in_dim, num_layers=num_layers, input_layer=input_layer, encoder_layer=layer, x=x,
+        lengths=n, use_mask=use_mask, seed=seed,
+    )  # fmt: skip
+    enc = load_returnn_encoder(
+        params, in_dim=in_dim, out_dim=d, num_layers=num_layers, input_layer=input_layer, encoder_layer=layer,
+        padding="masked" if use_mask else "espnet_legacy",
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        y, n_ours = enc(x, n)
+    assert n_ours.tolist() == n_r.tolist()
+    for i, m in enumerate(n_ours.tolist()):
+        torch.testing.assert_close(y[i, :m], y_r[i, :m], rtol=0, atol=1e-4)
