@@ -23,6 +23,7 @@ from ebranchformer.nn import subsampling
 from ebranchformer.nn.attention import rel_shift
 from ebranchformer.nn.linear import onednn_float32
 
+from ..asr.ctc_corpus import torch_threads
 from .conftest import perturb_, small_encoder
 
 
@@ -164,9 +165,15 @@ def test_torch_export_with_dynamic_batch_and_time(conv_encoder):
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # one thread: the weight gradient is weight_grad_blocked's
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: oneDNN's kernels
 @pytest.mark.parametrize("k, left, right", [(1, 0, 0), (5, 2, 2), (4, 1, 2), (31, 15, 15)])
-def test_channels_last_depthwise_conv_equals_conv1d(k, left, right, dtype):
+def test_channels_last_depthwise_conv_equals_conv1d(k, left, right, dtype, threads):
+    with torch_threads(threads):
+        _check_depthwise_conv_equals_conv1d(k, left, right, dtype)
+
+
+def _check_depthwise_conv_equals_conv1d(k, left, right, dtype):
     from ebranchformer.nn.dwconv import depthwise_conv_time
 
     tol_y, tol = (1e-12, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)  # outputs about 3, gradients 100
@@ -186,6 +193,32 @@ def test_channels_last_depthwise_conv_equals_conv1d(k, left, right, dtype):
             gp[{id(x): 0, id(w): 1, id(b): 2}[id(t)]] for t in wanted
         )):
             torch.testing.assert_close(a, c, atol=tol, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3), c=st.integers(1, 9), t_in=st.integers(1, 90), k=st.integers(1, 33), pad=st.integers(0, 16),
+    channels_last=st.booleans(),
+)  # fmt: skip
+def test_blocked_depthwise_weight_grad_equals_conv1d(b, c, t_in, k, pad, channels_last):
+    from ebranchformer.nn.dwconv import weight_grad_blocked
+
+    t_out = t_in + 2 * pad - k + 1
+    assume(t_out >= 1)
+    x = torch.randn(b, c, t_in, dtype=torch.float64)
+    w = torch.randn(c, 1, k, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(b, c, t_out, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(F.conv1d(x, w, padding=pad, groups=c), w, gy)  # (C, 1, K)
+    if channels_last:  # strides of the (B, T, C) activations, as the channels-last conv hands them over
+        x, gy = x.transpose(1, 2).contiguous().transpose(1, 2), gy.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(weight_grad_blocked(gy, x, pad, k), ref[:, 0], atol=1e-10, rtol=0)
+
+
+def test_blocked_depthwise_weight_grad_checks_its_shapes():
+    from ebranchformer.nn.dwconv import weight_grad_blocked
+
+    with pytest.raises(ValueError, match="gy has 10 frames, expected 12"):
+        weight_grad_blocked(torch.zeros(1, 2, 10), torch.zeros(1, 2, 12), 1, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
