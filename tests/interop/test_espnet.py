@@ -210,7 +210,7 @@ def test_training_step_matches_espnet_on_random_configs(case, seed):
 def test_training_step_matches_espnet_at_librispeech_size():
     # the LibriSpeech-100 shape (2 of its 12 blocks) at the benchmark's lengths: T' = 499, the frontend and the
     # attention's training paths in several blocks
-    _check_training_step({**CONFIGS["ls100_conv2d"], "input_layer": "conv2d"}, [2000, 1733, 1600], seed=3)
+    _check_training_step(CONFIGS["ls100_conv2d"], [2000, 1733, 1600], seed=3)
 
 
 @pytest.mark.parity
