@@ -65,11 +65,12 @@ class _ConvBackwardSplit(torch.autograd.Function):
 
         gh = grad([True, False, False])[0] if ctx.needs_input_grad[0] else None  # (B, C, 1, T')
         gw = None
-        # (the thread count is not asked while torch.compile traces this: a graph break; it keeps oneDNN's)
-        if ctx.needs_input_grad[1] and not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
-            gw = weight_grad_blocked(gy[:, :, 0], h[:, :, 0], ctx.pad, w4.shape[-1]).view(w4.shape)
-        elif ctx.needs_input_grad[1]:
-            gw = grad([False, True, False])[1]  # (C, 1, 1, K)
+        if ctx.needs_input_grad[1]:
+            # (the thread count is not asked while torch.compile traces this: a graph break; it keeps oneDNN's)
+            if not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
+                gw = weight_grad_blocked(gy[:, :, 0], h[:, :, 0], ctx.pad, w4.shape[-1]).view(w4.shape)
+            else:
+                gw = grad([False, True, False])[1]  # (C, 1, 1, K)
         gb = gy.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None  # (C,)
         return gh, gw, gb, None
 
