@@ -47,6 +47,11 @@ CONFIGS = {
 VOCAB = 11
 
 
+def _input_size(conf: dict) -> int:
+    """The feature dim for ``conf``: the model dim without a front end (ESPnet needs them equal then), else 40."""
+    return conf.get("output_size", 256) if conf.get("input_layer", "conv2d") is None else 40
+
+
 def _espnet_encoder(conf: dict, input_size: int, dtype: torch.dtype):
     torch.manual_seed(1)
     enc = espnet_enc.EBranchformerEncoder(input_size=input_size, **conf)
@@ -72,7 +77,7 @@ def _batch(input_size: int, dtype: torch.dtype, b: int = 4, t: int = 97, seed: i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_espnet(name, dtype):
     conf = CONFIGS[name]
-    input_size = conf.get("output_size", 256) if conf.get("input_layer", "conv2d") is None else 40
+    input_size = _input_size(conf)
     ref = _espnet_encoder(conf, input_size, dtype)
     ours = load_espnet_encoder(conf, input_size, ref.state_dict()).to(dtype).eval()
     x, lengths = _batch(input_size, dtype)
@@ -154,7 +159,7 @@ def test_matches_espnet_on_random_configs_and_lengths(case, seed):
     """ESPnet and ours, fast paths on (the encoder's defaults), over drawn configs and row lengths: the outputs of
     every row agree on its valid frames, and the output lengths are equal."""
     conf, lengths = case
-    input_size = conf["output_size"] if conf["input_layer"] is None else 40
+    input_size = _input_size(conf)
     ref = _espnet_encoder(conf, input_size, torch.float32)
     ours = load_espnet_encoder(conf, input_size, ref.state_dict()).eval()
     x = torch.randn(len(lengths), lengths[0], input_size, generator=torch.Generator().manual_seed(seed))
@@ -171,7 +176,7 @@ def _check_training_step(conf: dict, lengths: list[int], seed: int) -> None:
     """Train mode (dropouts 0, so both are deterministic), ours on its CPU training fast paths: the outputs and
     every parameter's gradient of a loss over the valid frames equal ESPnet's."""
     conf = {**conf, "dropout_rate": 0.0, "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
-    input_size = conf["output_size"] if conf["input_layer"] is None else 40
+    input_size = _input_size(conf)
     ref = _espnet_encoder(conf, input_size, torch.float32).train()
     ours = load_espnet_encoder(conf, input_size, ref.state_dict()).train()
     gen = torch.Generator().manual_seed(seed)
