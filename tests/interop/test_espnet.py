@@ -3,7 +3,6 @@ export round trip and parameter counts."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -12,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebranchformer.interop.espnet import export_espnet_state_dict, load_espnet_encoder
+
+from .grads import assert_grads_close, exported_grads
 
 espnet_enc = pytest.importorskip("espnet2.asr.encoder.e_branchformer_encoder")
 
@@ -189,19 +190,8 @@ def _check_training_step(conf: dict, lengths: list[int], seed: int) -> None:
     (out * w).sum().backward()
     (y * w).sum().backward()
     torch.testing.assert_close(y * valid, out * valid, atol=1e-4, rtol=0)
-    grads = copy.deepcopy(ours)  # our gradients under ESPnet's names, through the export mapping
-    with torch.no_grad():
-        for p, q in zip(grads.parameters(), ours.parameters()):
-            p.copy_(q.grad)
-    ours_grads = export_espnet_state_dict(grads)
     ref_grads = {name: p.grad for name, p in ref.named_parameters()}
-    assert all(g is not None for g in ref_grads.values())
-    # relative to each gradient's largest entry, floored for those that are zero up to rounding (the key bias's:
-    # softmax ignores a constant added to every score of a query)
-    floor = 1e-2 * max(g.abs().max().item() for g in ref_grads.values())
-    for name, ref_g in ref_grads.items():
-        scale = max(ref_g.abs().max().item(), floor)
-        torch.testing.assert_close(ours_grads[name] / scale, ref_g / scale, atol=1e-4, rtol=0, msg=name)
+    assert_grads_close(exported_grads(ours, export_espnet_state_dict), ref_grads)
 
 
 @pytest.mark.parity
