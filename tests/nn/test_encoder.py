@@ -318,6 +318,10 @@ BAD_INPUT = [
     (lambda x, n: (x, torch.tensor([40, 30, 20])), ValueError, "lengths has batch size 3 but x has batch size 2"),
     (lambda x, n: (x, torch.tensor([40, 5])), ValueError, "input too short for the subsampling"),
     (lambda x, n: (x.tolist(), n), TypeError, "x must be a torch.Tensor"),
+    (lambda x, n: (x[:0], n[:0]), ValueError, "x must hold at least one utterance, got batch size 0"),
+    (lambda x, n: (x.double(), n), TypeError, r"x has dtype torch.float64 but the module's parameters are torch.float32"),
+    (lambda x, n: (x.bfloat16(), n), TypeError, r"x has dtype torch.bfloat16 .* or run under torch.autocast"),
+    (lambda x, n: (x.to("meta"), n), ValueError, "x is on meta but the module's parameters are on cpu"),
 ]
 
 
@@ -326,6 +330,21 @@ def test_bad_input_is_named(conv_encoder, make, exc, match):
     x, n = make(torch.randn(2, 40, 24), torch.tensor([40, 30]))
     with pytest.raises(exc, match=match):
         conv_encoder(x, n)
+
+
+def test_other_dtypes_under_autocast_and_lengths_anywhere(conv_encoder):
+    """Under autocast x may have another float dtype than the parameters; lengths may be any integer dtype on any
+    device (the output lengths are int64 on x's device)."""
+    x, n = torch.randn(2, 40, 24), torch.tensor([40, 30])
+    conv_encoder.eval()
+    with torch.no_grad():
+        ref, ref_n = conv_encoder(x, n)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = conv_encoder(x.double(), n)
+        y32, n32 = conv_encoder(x, n.int())
+    assert y.dtype == torch.float32 and (y - ref).abs().max() < 0.05  # bf16 products (0.017 measured)
+    torch.testing.assert_close(y32, ref, rtol=0, atol=0)
+    assert n32.dtype == torch.int64 and torch.equal(n32, ref_n)
 
 
 @pytest.mark.parametrize(

@@ -238,10 +238,10 @@ class ConformerEncoder(nn.Module):
         collected_outputs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        check_encoder_input(x, lengths, cfg.in_dim)
+        check_encoder_input(x, lengths, cfg.in_dim, like=next(self.parameters(), None))
         if cfg.interctc_use_conditioning and ctc is None:
             raise ValueError("ctc must be given: this encoder uses interCTC self-conditioning")
-        lengths = lengths.long()
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
         if cfg.padding == "espnet_legacy":  # ESPnet works on exactly max(lengths) frames
             x = x[:, : int(lengths.max())]
         threads = plan_groups(x.shape[0]) if self._splits(x) else []

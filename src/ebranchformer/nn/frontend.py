@@ -31,7 +31,7 @@ class Frontend(nn.Module):
         """Validate a forward call: the padding mode, (x, lengths), and that the input is long enough."""
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-        check_encoder_input(x, lengths, self.in_dim)
+        check_encoder_input(x, lengths, self.in_dim, like=next(self.parameters(), None))
         check_min_length(type(self).__name__, lengths, x.shape[1], self.min_length, per_row=per_row)
 
 

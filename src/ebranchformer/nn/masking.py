@@ -20,8 +20,11 @@ def mask_padded(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return x * valid[:, :, None].to(x.dtype)
 
 
-def check_encoder_input(x: torch.Tensor, lengths: torch.Tensor, in_dim: int) -> None:
-    """Validate (x, lengths) for an encoder; raise TypeError/ValueError that name the argument."""
+def check_encoder_input(
+    x: torch.Tensor, lengths: torch.Tensor, in_dim: int, like: torch.Tensor | None = None
+) -> None:
+    """Validate (x, lengths) for an encoder; raise TypeError/ValueError that name the argument. ``like`` (one of
+    the module's parameters) also checks that x is on its device and, outside autocast, of its dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, T, {in_dim}), got {type(x).__name__}")
     if not isinstance(lengths, torch.Tensor):
@@ -38,6 +41,19 @@ def check_encoder_input(x: torch.Tensor, lengths: torch.Tensor, in_dim: int) -> 
         raise ValueError(f"lengths must have shape (B,), got {tuple(lengths.shape)}")
     if lengths.shape[0] != x.shape[0]:
         raise ValueError(f"lengths has batch size {lengths.shape[0]} but x has batch size {x.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one utterance, got batch size 0 (x.shape={tuple(x.shape)})")
+    if like is not None:
+        if x.device != like.device:
+            raise ValueError(
+                f"x is on {x.device} but the module's parameters are on {like.device}: move x (x.to('{like.device}'))"
+                " or the module"
+            )
+        if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the module's parameters are {like.dtype}: cast x (x.to({like.dtype})) or"
+                " the module, or run under torch.autocast"
+            )
     if not torch.compiler.is_compiling() and lengths.numel() > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo <= 0:
