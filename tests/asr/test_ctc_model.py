@@ -292,6 +292,23 @@ def test_autocast_keeps_features_in_float32():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def test_features_in_the_models_dtype():
+    """A float64 waveform into a float32 model, and a float32 one into a float64 model: features in the model's
+    dtype, the same values up to float32 rounding."""
+    model = CTCModel(_config()).eval()
+    wav, wav_lengths, _, _ = _batch()
+    ref, _ = model.log_probs(wav, wav_lengths)
+    feats, _ = model.features(wav.double(), wav_lengths)
+    lp, _ = model.log_probs(wav.double(), wav_lengths)
+    assert feats.dtype == torch.float32 and lp.dtype == torch.float32
+    torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
+    model.double()
+    feats, _ = model.features(wav, wav_lengths)
+    lp, _ = model.log_probs(wav, wav_lengths)
+    assert feats.dtype == torch.float64
+    torch.testing.assert_close(lp.float(), ref, atol=1e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------------- inputs
 @pytest.mark.parametrize(
     ("tokens", "lengths", "exc", "words"),

@@ -295,6 +295,11 @@ def test_one_dimensional_wav():
         LogMelFeatures()(torch.zeros(1600))
 
 
+def test_empty_batch():
+    with pytest.raises(ValueError, match="wav must hold at least one utterance, got batch size 0"):
+        LogMelFeatures()(torch.zeros(0, 1600))
+
+
 def test_wav_shorter_than_one_frame():
     with pytest.raises(ValueError, match="wav has 399 samples"):
         LogMelFeatures(FeatureConfig.kaldi())(torch.zeros(1, 399))

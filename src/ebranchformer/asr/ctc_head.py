@@ -86,7 +86,8 @@ class CTCHead(nn.Module):
         """float32 log-softmax over V, (B, T, V) (no dropout: meant for decoding). The projection runs in float32
         also under autocast: it is cheap, and bf16 logits would flip the argmax of close frames."""
         with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.linear.weight.float(), self.linear.bias).log_softmax(dim=-1)
+            bias = None if self.linear.bias is None else self.linear.bias.float()
+            return F.linear(h.float(), self.linear.weight.float(), bias).log_softmax(dim=-1)
 
     def loss(
         self, h: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor, token_lengths: torch.Tensor

@@ -140,14 +140,16 @@ class CTCModel(nn.Module):
 
     # -- forward passes --------------------------------------------------------------------------------------
     def features(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-mel features (B, T, F) and lengths int64 (B,) of waveforms (B, S) with lengths (B,)."""
+        """Log-mel features (B, T, F) in the model's dtype and lengths int64 (B,) of waveforms (B, S) with lengths
+        (B,)."""
         if self.frontend is None:
             raise ValueError("this model has no waveform frontend (config.features is None); use *_features")
         if not isinstance(wav, torch.Tensor):
             raise TypeError(f"wav must be a float tensor (B, S), got {type(wav).__name__}")
         with torch.autocast(wav.device.type, enabled=False):  # power spectra overflow float16: keep float32
             wav = wav if wav.dtype in (torch.float32, torch.float64) else wav.float()
-            return self.frontend(wav, wav_lengths)
+            feats, lengths = self.frontend(wav, wav_lengths)
+        return feats.to(next(self.encoder.parameters()).dtype), lengths
 
     def encode_features(
         self,

@@ -175,6 +175,8 @@ class LogMelFeatures(nn.Module):
             raise TypeError(f"wav must be a floating-point tensor, got dtype {wav.dtype}")
         if wav.dim() != 2:
             raise ValueError(f"wav must have shape (B, S), got {tuple(wav.shape)}")
+        if wav.shape[0] == 0:
+            raise ValueError(f"wav must hold at least one utterance, got batch size 0 (wav.shape={tuple(wav.shape)})")
         if wav.shape[1] < min_n:
             raise ValueError(
                 f"wav has {wav.shape[1]} samples per row, fewer than one frame: "
