@@ -14,6 +14,7 @@ from ..config import register
 from .blocked_attention import attend_blocks, attend_blocks_train, attend_pairs, block_rows
 from .dropout import Dropout, keep_mask
 from .linear import Linear, onednn_float32
+from .masking import check_frames
 from .norm import LayerNorm
 from .posenc import legacy_rel_pos_table, rel_pos_table
 
@@ -220,6 +221,7 @@ class RelPosSelfAttention(_MultiHeadBase):
         self.zero_triu, self.legacy, self.legacy_max_len = bool(zero_triu), bool(legacy), int(legacy_max_len)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        check_frames(x, valid, self.dim, like=self.qkv.weight)
         t = x.shape[1]
         q, k, v = self._qkv(x)  # (B, H, T, dk)
         if self.legacy:
@@ -282,6 +284,7 @@ class SelfAttention(_MultiHeadBase):
         self.k_norm = LayerNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        check_frames(x, valid, self.dim, like=self.qkv.weight)
         q, k, v = self._qkv(x)  # (B, H, T, dk)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -13,7 +13,7 @@ from .activations import get_activation
 from .dropout import Dropout
 from .dwconv import depthwise_conv_time
 from .linear import Linear
-from .masking import mask_padded
+from .masking import check_frames, mask_padded
 from .norm import LayerNorm
 
 __all__ = ["FeedForwardConvGated", "check_odd_kernel"]
@@ -94,6 +94,7 @@ class FeedForwardConvGated(nn.Module):
         self.fast = True  # channels-last conv2d for the depthwise conv (see depthwise_conv_time)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        check_frames(x, valid, self.linear_ff.in_features, like=self.linear_ff.weight, valid_optional=True)
         h = self.linear_ff.act(x, self.activation)  # (B, T, 2C)
         r, g = h.split(self.gate_dim, dim=-1)  # (B, T, C) each
         g = mask_padded(self.norm(g), valid)

@@ -16,7 +16,7 @@ from .dropout import Dropout
 from .dwconv import depthwise_conv_time
 from .feedforward import FeedForward
 from .linear import Linear
-from .masking import mask_padded
+from .masking import check_frames, mask_padded
 from .norm import LayerNorm
 
 __all__ = ["ConformerConvModule", "ConformerLayer", "ConformerLayerConfig", "MaskedBatchNorm"]
@@ -156,6 +156,7 @@ class ConformerLayer(nn.Module):
         self.dropout = Dropout(cfg.dropout, cfg.dropout_broadcast)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, *, mask_convs: bool = True) -> torch.Tensor:
+        check_frames(x, valid, self.config.out_dim, like=next(self.parameters(), None))
         x = x + 0.5 * self.dropout(self.ffn1(self.ffn1_layer_norm(x)))
         x = x + self.dropout(self.self_att(self.self_att_layer_norm(x), valid))
         x = x + self.dropout(self.conv_block(self.conv_layer_norm(x), valid if mask_convs else None))

@@ -15,6 +15,7 @@ from .attention import RelPosSelfAttention
 from .cgmlp import FeedForwardConvGated, check_odd_kernel
 from .dropout import Dropout
 from .feedforward import FeedForward
+from .masking import check_frames
 from .merge import Merge
 from .norm import LayerNorm
 
@@ -129,6 +130,7 @@ class EBranchformerLayer(nn.Module):
         return build_module(norm, None, dim=self.config.out_dim)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, *, mask_convs: bool = True) -> torch.Tensor:
+        check_frames(x, valid, self.config.out_dim, like=next(self.parameters(), None))
         conv_valid = valid if mask_convs else None
         if self.config.macaron_ffn:
             x = x + self.ff_scale * self.dropout(self.ffn1(self.ffn1_layer_norm(x)))

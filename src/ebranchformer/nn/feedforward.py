@@ -11,6 +11,7 @@ from ..config import register
 from .activations import get_activation
 from .dropout import Dropout
 from .linear import Linear
+from .masking import check_frames
 
 __all__ = ["FeedForward"]
 
@@ -56,4 +57,5 @@ class FeedForward(nn.Module):
         self.linear_out = Linear(ff_dim, out_dim, bias=with_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_frames(x, None, self.linear_ff.in_features, like=self.linear_ff.weight, valid_optional=True)
         return self.linear_out(self.dropout(self.linear_ff.act(x, self.activation)))

@@ -9,7 +9,7 @@ from ..config import register
 from .cgmlp import check_odd_kernel
 from .dwconv import depthwise_conv_time
 from .linear import Linear, linear
-from .masking import mask_padded
+from .masking import check_frames, mask_padded
 
 __all__ = ["Merge"]
 
@@ -47,6 +47,11 @@ class Merge(nn.Module):
         self.fast = True
 
     def forward(self, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        like = self.merge_proj.weight
+        check_frames(a, valid, self.in_dim1, name="a", like=like, valid_optional=True)
+        check_frames(g, valid, self.in_dim2, name="g", like=like, valid_optional=True)
+        if g.shape[:2] != a.shape[:2]:
+            raise ValueError(f"a and g must have the same (B, T), got {tuple(a.shape[:2])} and {tuple(g.shape[:2])}")
         w, b = self.depthwise_conv_fusion.weight, self.depthwise_conv_fusion.bias
         pad = (w.shape[-1] - 1) // 2
         if not self.fast:
