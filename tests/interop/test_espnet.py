@@ -266,6 +266,24 @@ def test_strict_loading_names_bad_keys():
     shaped = {**sd, "after_norm.weight": torch.zeros(3)}
     with pytest.raises(ValueError, match=r"mis-shaped keys \[after_norm\.weight: expected \(64,\), got \(3,\)\]"):
         load_espnet_encoder(conf, 40, shaped)
+    integer = {**sd, "encoders.0.merge_proj.weight": sd["encoders.0.merge_proj.weight"].long()}
+    with pytest.raises(TypeError, match=r"integer/bool tensors for the parameters \['encoders\.0\.merge_proj\.weight'\]"):
+        load_espnet_encoder(conf, 40, integer)
+
+
+@pytest.mark.parametrize(
+    "input_size, exc, match",
+    [("40", TypeError, "input_size must be an int"), (True, TypeError, "input_size must be an int"),
+     (0, ValueError, "input_size must be positive")],
+)  # fmt: skip
+def test_bad_input_size_is_named(input_size, exc, match):
+    with pytest.raises(exc, match=match):
+        load_espnet_encoder(CONFIGS["linear"], input_size)
+
+
+def test_export_takes_an_encoder():
+    with pytest.raises(TypeError, match="enc must be a ConformerEncoder, got Linear"):
+        export_espnet_state_dict(torch.nn.Linear(3, 3))
 
 
 @pytest.mark.parametrize(

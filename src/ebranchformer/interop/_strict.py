@@ -35,6 +35,15 @@ def load_strict(
             shaped.append(f"{source_name(k, module)}: expected {tuple(target[k].shape)}, got {tuple(t.shape)}")
         tensors[k] = t
     raise_key_problems(f"{source} checkpoint does not fit this encoder", unknown, missing, shaped)
+    not_float = [
+        source_name(k, module)
+        for k, t in tensors.items()
+        if target[k].is_floating_point() and not t.is_floating_point()
+    ]
+    if not_float:
+        raise TypeError(
+            f"{source} checkpoint does not fit this encoder: integer/bool tensors for the parameters {not_float}"
+        )
     module.load_state_dict(tensors, strict=True)
 
 

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,11 @@ def espnet_encoder_config(
     support (naming the option)."""
     if not isinstance(encoder_conf, Mapping):
         raise TypeError(f"encoder_conf must be a mapping of ESPnet encoder options, got {type(encoder_conf).__name__}")
+    if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
+        raise TypeError(f"input_size must be an int (the feature dim), got {type(input_size).__name__}")
+    if input_size <= 0:
+        raise ValueError(f"input_size must be positive (the feature dim), got {input_size}")
+    input_size = int(input_size)
     unknown = sorted(set(encoder_conf) - set(ESPNET_DEFAULTS) - {"input_size"})
     if unknown:
         raise ValueError(f"unknown ESPnet EBranchformerEncoder option(s) {unknown} in encoder_conf")
@@ -165,6 +171,8 @@ def load_espnet_encoder(
 
 def export_espnet_state_dict(enc: ConformerEncoder) -> dict[str, torch.Tensor]:
     """ESPnet ``EBranchformerEncoder`` state_dict (no ``encoder.`` prefix) of an encoder loaded from ESPnet."""
+    if not isinstance(enc, ConformerEncoder):
+        raise TypeError(f"enc must be a ConformerEncoder, got {type(enc).__name__}")
     out: dict[str, torch.Tensor] = {}
     for name, t in enc.state_dict().items():
         m = re.fullmatch(r"layers\.(\d+)\.self_att\.qkv\.(weight|bias)", name)
