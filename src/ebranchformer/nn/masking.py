@@ -42,7 +42,7 @@ def check_encoder_input(x: torch.Tensor, lengths: torch.Tensor, in_dim: int, lik
     if x.shape[0] == 0:
         raise ValueError(f"x must hold at least one utterance, got batch size 0 (x.shape={tuple(x.shape)})")
     _check_like(x, like, "x")
-    if not torch.compiler.is_compiling() and lengths.numel() > 0:
+    if not torch.compiler.is_compiling():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo <= 0:
             raise ValueError(f"lengths must be >= 1, got min(lengths)={lo}")
