@@ -529,9 +529,11 @@ def _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers
     frames equal RETURNN's, and so do the BatchNorm running statistics after the step (``layer`` None: RETURNN's
     Conformer layer).
 
-    With a max pool in the frontend, its gradient goes to the larger of each pair, and in float32 a near-tie can be
-    decided differently by two implementations whose conv outputs differ by rounding: the frontend's gradients then
-    get 1e-2 of their largest entry (a 2000-frame batch measured 1.4e-3; 1e-5 without the pool), the rest 1e-4.
+    The frontend's conv gradients get 1e-2 of their largest entry, the rest 1e-4: its ReLUs and max pool send the
+    gradient one way or the other, and a float32 pre-activation within rounding of 0 (or a near-tie in the pool) can
+    be decided differently by two implementations whose conv outputs differ only by rounding. Measured: 2.3e-3
+    (84 frames, no pool: one conv1 pre-activation of 3e-8), 1.4e-3 (2000 frames, pool); ours agreed with our float64
+    math to 8e-6 there.
     A Conformer layer's depthwise conv bias feeds a training BatchNorm, which subtracts it again: its gradient is
     0 up to rounding in both (1.8e-4 at most, the largest gradient 109), so it gets 1e-3 (of 1e-2 of the
     largest)."""
@@ -565,10 +567,9 @@ def _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers
     (y * w).sum().backward()
     torch.testing.assert_close(y * valid, y_r * valid, atol=1e-4, rtol=0)
     ref_grads = {name: p.grad for name, p in pt.named_parameters()}
-    pooled = input_layer is not None and bool(input_layer.get("pool_sizes"))
 
     def tol(name: str) -> float:
-        if pooled and name.startswith("input_layer."):
+        if name.startswith("input_layer.conv_layers."):
             return 1e-2
         return 1e-3 if name.endswith("conv_block.depthwise_conv.bias") else 1e-4
 
