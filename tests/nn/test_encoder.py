@@ -332,9 +332,9 @@ def test_bad_input_is_named(conv_encoder, make, exc, match):
         conv_encoder(x, n)
 
 
-def test_other_dtypes_under_autocast_and_lengths_anywhere(conv_encoder):
-    """Under autocast x may have another float dtype than the parameters; lengths may be any integer dtype on any
-    device (the output lengths are int64 on x's device)."""
+def test_other_dtypes_under_autocast_and_int32_lengths(conv_encoder):
+    """Under autocast x may have another float dtype than the parameters; lengths may be any integer dtype (the
+    output lengths are int64; the encoder also moves lengths to x's device, which one CPU cannot show)."""
     x, n = torch.randn(2, 40, 24), torch.tensor([40, 30])
     conv_encoder.eval()
     with torch.no_grad():
