@@ -22,6 +22,13 @@ def test_atomic_write_replaces_or_keeps(tmp_path):
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
+def test_atomic_write_names_a_missing_directory(tmp_path):
+    target = tmp_path / "no" / "f.txt"
+    with pytest.raises(FileNotFoundError, match=r"cannot write '.*f\.txt': its directory '.*no' does not exist"):
+        atomic_write(target, "x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_directory(tmp_path):
     target = tmp_path / "d"
     with atomic_directory(target) as tmp:

@@ -71,6 +71,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes
     The target is either left untouched or replaced by the complete new content. Returns ``Path(path)``.
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: its directory {str(path.parent)!r} does not exist")
     tmp = _sibling(path, _TMP_TAG)
     try:
         with open(tmp, "wb") as f:

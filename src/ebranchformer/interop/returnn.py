@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..asr.atomic import atomic_write
 from ..config import build_dict, resolve_class
 from ..nn.attention import RelPosSelfAttention, SelfAttention
 from ..nn.cgmlp import FeedForwardConvGated
@@ -355,22 +355,13 @@ def save_returnn_checkpoint(
     path: str | os.PathLike, enc: ConformerEncoder, *, epoch: int = 1, step: int = 0, prefix: str = ""
 ) -> None:
     """Write ``enc`` as a RETURNN PyTorch-engine checkpoint ``{"model": params, "epoch", "step",
-    "effective_learning_rate": None}`` (what RETURNN's engine writes and reads), atomically: written to a temporary
-    file in the same directory, then renamed over ``path``. ``prefix`` is prepended to every parameter name (e.g.
+    "effective_learning_rate": None}`` (what RETURNN's engine writes and reads), atomically
+    (:func:`~ebranchformer.asr.atomic.atomic_write`: a temporary file in the same directory, synced, then renamed
+    over ``path``). ``prefix`` is prepended to every parameter name (e.g.
     ``"encoder."`` when the RETURNN model holds the encoder under that attribute).
     """
     if not isinstance(epoch, int) or not isinstance(step, int):
         raise TypeError(f"epoch and step must be ints, got {epoch!r}, {step!r}")
     params = {prefix + k: v for k, v in export_returnn_params(enc).items()}
     ckpt = {"model": params, "epoch": epoch, "step": step, "effective_learning_rate": None}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp_write", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(ckpt, f))
