@@ -3,7 +3,7 @@
 Example:
     >>> import yaml
     >>> conf = yaml.safe_load(open("exp/asr_train/config.yaml"))["encoder_conf"]  # doctest: +SKIP
-    >>> enc = load_espnet_encoder(conf, input_size=80, state_dict=torch.load("valid.acc.ave.pth"))  # doctest: +SKIP
+    >>> enc = load_espnet_encoder(conf, input_size=80, state_dict=torch.load("valid.acc.ave.pth", weights_only=True))  # doctest: +SKIP
 """
 
 from __future__ import annotations
