@@ -8,6 +8,18 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ebranchformer.nn.masking import lengths_to_valid
+
+
+def backward_one_loss(y: torch.Tensor, ref: torch.Tensor, ref_lengths: torch.Tensor, gen: torch.Generator) -> None:
+    """Ours ``y`` and the reference's ``ref`` (B, T', D) equal on the valid frames (``ref_lengths``, atol 1e-4);
+    then the same loss, a random weighting of the valid frames (drawn from ``gen``), backward through each."""
+    valid = lengths_to_valid(ref_lengths, ref.shape[1])[..., None]  # (B, T', 1)
+    w = torch.randn(ref.shape, generator=gen) * valid
+    (ref * w).sum().backward()
+    (y * w).sum().backward()
+    torch.testing.assert_close(y * valid, ref * valid, atol=1e-4, rtol=0)
+
 
 def exported_grads(module: nn.Module, export: Callable[[nn.Module], dict[str, torch.Tensor]]) -> dict:
     """``module``'s parameter gradients under the reference's names: a copy of the module holding the gradients

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["load_strict", "raise_key_problems"]
+__all__ = ["load_strict", "raise_key_problems", "raise_non_float"]
 
 
 def load_strict(
@@ -35,15 +35,8 @@ def load_strict(
             shaped.append(f"{source_name(k, module)}: expected {tuple(target[k].shape)}, got {tuple(t.shape)}")
         tensors[k] = t
     raise_key_problems(f"{source} checkpoint does not fit this encoder", unknown, missing, shaped)
-    not_float = [
-        source_name(k, module)
-        for k, t in tensors.items()
-        if target[k].is_floating_point() and not t.is_floating_point()
-    ]
-    if not_float:
-        raise TypeError(
-            f"{source} checkpoint does not fit this encoder: integer/bool tensors for the parameters {not_float}"
-        )
+    not_float = [k for k, t in tensors.items() if target[k].is_floating_point() and not t.is_floating_point()]
+    raise_non_float(f"{source} checkpoint does not fit this encoder", [source_name(k, module) for k in not_float])
     module.load_state_dict(tensors, strict=True)
 
 
@@ -58,3 +51,9 @@ def raise_key_problems(what: str, unknown: list[str], missing: list[str], shaped
         problems.append(f"mis-shaped keys [{'; '.join(shaped)}]")
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def raise_non_float(what: str, names: list[str]) -> None:
+    """Raise one TypeError naming the parameters given integer or bool tensors (nothing if ``names`` is empty)."""
+    if names:
+        raise TypeError(f"{what}: integer/bool tensors for the parameters {names}")

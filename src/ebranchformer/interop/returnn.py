@@ -45,7 +45,7 @@ from ..nn.conformer_layer import ConformerLayer, MaskedBatchNorm
 from ..nn.conv_subsample import ConformerConvSubsample
 from ..nn.ebranchformer_layer import EBranchformerLayer
 from ..nn.encoder import ConformerEncoder
-from ._strict import raise_key_problems
+from ._strict import raise_key_problems, raise_non_float
 
 __all__ = ["export_returnn_params", "load_returnn_encoder", "returnn_param_names", "save_returnn_checkpoint"]
 
@@ -332,10 +332,9 @@ def load_returnn_encoder(
         for k in sorted(set(state) & set(expected))
         if tuple(state[k].shape) != expected[k][1]
     ]
-    raise_key_problems(f"params do not fit this RETURNN ConformerEncoder ({prefix=!r})", unknown, missing, bad_shape)
-    non_float = [k for k, v in state.items() if not v.is_floating_point()]
-    if non_float:
-        raise TypeError(f"params must be floating point, got integer/bool tensors for {non_float}")
+    what = f"params do not fit this RETURNN ConformerEncoder ({prefix=!r})"
+    raise_key_problems(what, unknown, missing, bad_shape)
+    raise_non_float(what, [k for k, v in state.items() if not v.is_floating_point()])
     if dtype is None:
         dtypes = {v.dtype for v in state.values()}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
