@@ -4,6 +4,7 @@ parameter counts."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ from ebranchformer.nn import ConformerEncoder, EBranchformerLayer
 from ebranchformer.nn.conv_subsample import ConformerConvSubsample
 from ebranchformer.nn.posenc import rel_pos_table
 
-from .grads import assert_grads_close, exported_grads
+from .grads import assert_grads_close, backward_one_loss, exported_grads
 
 CONV6 = {
     "out_dims": [32, 64, 64],
@@ -285,6 +286,9 @@ def test_strict_loading_names_the_key():
         load_returnn_encoder(p, **{**kw, "input_layer": {**CONV6, "pool_sizes": None}})
     with pytest.raises(TypeError, match="params"):
         load_returnn_encoder([1, 2], **kw)
+    integer = {**p, "layers.0.merge.merge_proj.weight": p["layers.0.merge.merge_proj.weight"].long()}
+    with pytest.raises(TypeError, match=r"integer/bool tensors for the parameters \['layers.0.merge.merge_proj.weight'\]"):
+        load_returnn_encoder(integer, **kw)
     with pytest.raises(ValueError, match="final LayerNorm"):
         export_returnn_params(_small_encoder(final_norm=True))
 
@@ -523,7 +527,34 @@ def test_parity_with_returnn_on_random_configs_and_lengths(rf, case, seed):
         torch.testing.assert_close(y[i, :m], y_r[i, :m], rtol=0, atol=1e-4)
 
 
-def _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers, lengths, seed) -> None:
+def _near_kinks(frontend: ConformerConvSubsample, x: torch.Tensor, n: torch.Tensor, padding: str) -> bool:
+    """Whether our frontend's plain path, in float64, has a ReLU input within 1e-7 of 0 or a max-pool pair within
+    1e-7 of a tie (relative to that conv's largest output; pools of (1, 2) windows, as CONV6's): at such a point two
+    float32 implementations that differ only by rounding can send a gradient different ways."""
+    probe = copy.deepcopy(frontend).double()
+    probe.fast = False  # the plain path calls each conv module: the hooks see the pre-activations
+    pres: list[torch.Tensor] = []
+    hooks = [c.register_forward_hook(lambda _m, _i, out: pres.append(out)) for c in probe.conv_layers]
+    with torch.no_grad():
+        probe(x.double(), n, padding=padding)
+    for h in hooks:
+        h.remove()
+    for i, pre in enumerate(pres):
+        eps = 1e-7 * pre.abs().max()
+        if bool((pre.abs() < eps).any()):
+            return True
+        if i < len(probe.pool_sizes):
+            assert probe.pool_sizes[i] == (1, 2)
+            a = probe.activation(pre)[..., : pre.shape[-1] // 2 * 2]  # (B, C, T, 2F'), whole windows
+            left, right = a[..., 0::2], a[..., 1::2]
+            if bool(((torch.maximum(left, right) > 0) & ((left - right).abs() < eps)).any()):
+                return True
+    return False
+
+
+def _check_training_step_returnn(
+    rf, d, layer, input_layer, use_mask, num_layers, lengths, seed, avoid_kinks: bool = False
+) -> None:
     """Train mode (RETURNN's train flag on) with dropouts 0 (both deterministic), ours on its CPU training fast
     paths (masked mode where RETURNN masks): the outputs and every parameter's gradient of a loss over the valid
     frames equal RETURNN's, and so do the BatchNorm running statistics after the step (``layer`` None: RETURNN's
@@ -532,8 +563,9 @@ def _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers
     The frontend's conv gradients get 1e-2 of their largest entry, the rest 1e-4: its ReLUs and max pool send the
     gradient one way or the other, and a float32 pre-activation within rounding of 0 (or a near-tie in the pool) can
     be decided differently by two implementations whose conv outputs differ only by rounding. Measured: 2.3e-3
-    (84 frames, no pool: one conv1 pre-activation of 3e-8), 1.4e-3 (2000 frames, pool); ours agreed with our float64
-    math to 8e-6 there.
+    (84 frames, no pool: one conv1 pre-activation of 3e-8), 1.9e-2 (27 and 13 frames: a small batch's gradients
+    feel one such point more), 1.4e-3 (2000 frames, pool); ours agreed with our float64 math to 6e-6 to 8e-6 there.
+    ``avoid_kinks`` (for drawn inputs; needs hypothesis) rejects inputs with such a point (:func:`_near_kinks`).
     A Conformer layer's depthwise conv bias feeds a training BatchNorm, which subtracts it again: its gradient is
     0 up to rounding in both (1.8e-4 at most, the largest gradient 109), so it gets 1e-3 (of 1e-2 of the
     largest)."""
@@ -554,6 +586,8 @@ def _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers
         params, in_dim=in_dim, out_dim=d, num_layers=num_layers, input_layer=input_layer, encoder_layer=layer,
         padding="masked" if use_mask else "espnet_legacy", **enc_kw,
     ).train()  # fmt: skip
+    if avoid_kinks and input_layer is not None:
+        assume(not _near_kinks(ours.input_layer, x, n, "masked" if use_mask else "espnet_legacy"))
     init_train_step_run_ctx(train_flag=True)
     try:
         y_r, n_r = _returnn_forward(rf, model, x, n, use_mask=use_mask)
@@ -561,11 +595,7 @@ def _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers
         reset_run_ctx()
     y, n_ours = ours(x, n)
     assert n_ours.tolist() == n_r.tolist()
-    valid = (torch.arange(y_r.shape[1])[None] < n_r[:, None])[..., None]  # (B, T', 1)
-    w = torch.randn(y_r.shape, generator=gen) * valid
-    (y_r * w).sum().backward()
-    (y * w).sum().backward()
-    torch.testing.assert_close(y * valid, y_r * valid, atol=1e-4, rtol=0)
+    backward_one_loss(y, y_r, n_r, gen)
     ref_grads = {name: p.grad for name, p in pt.named_parameters()}
 
     def tol(name: str) -> float:
@@ -593,7 +623,9 @@ CONV6_NO_POOL = {**CONV6, "pool_sizes": None}
 def test_training_step_matches_returnn_on_random_configs(rf, case, pool, seed):
     d, layer, conv6, use_mask, num_layers, lengths = case
     input_layer = (CONV6 if pool else CONV6_NO_POOL) if conv6 else None
-    _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers, lengths, seed)
+    # drawn inputs: only those without a frontend kink within rounding (see _near_kinks), which a small batch's
+    # gradients feel most (an 84-frame draw was 2.3e-3 off at a ReLU input of 3e-8, a (27, 13)-frame one 1.9e-2)
+    _check_training_step_returnn(rf, d, layer, input_layer, use_mask, num_layers, lengths, seed, avoid_kinks=True)
 
 
 @pytest.mark.parity
