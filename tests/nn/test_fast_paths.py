@@ -221,6 +221,24 @@ def test_blocked_depthwise_weight_grad_checks_its_shapes():
         weight_grad_blocked(torch.zeros(1, 2, 10), torch.zeros(1, 2, 12), 1, 3)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 4, 16, 31])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fast", [True, False])
+def test_half_precision_depthwise_conv_with_few_channels(dtype, channels, fast):
+    # oneDNN's half-precision depthwise conv hangs for 2-16 channels (bf16 channels-last; fp16 in any layout on an
+    # AVX512-FP16 CPU): such convs run in float32 and come back in the half dtype, for half tensors and under autocast
+    from ebranchformer.nn.dwconv import depthwise_conv_time
+
+    x, w, b = torch.randn(2, 40, channels), torch.randn(channels, 1, 7), torch.randn(channels)
+    ref = depthwise_conv_time(x, w, b, 3, 3, fast=False)
+    y = depthwise_conv_time(x.to(dtype), w.to(dtype), b.to(dtype), 3, 3, fast=fast)
+    with torch.autocast("cpu", dtype=dtype):
+        ya = depthwise_conv_time(x, w, b, 3, 3, fast=fast)
+    assert y.dtype == ya.dtype == dtype
+    torch.testing.assert_close(ya.float(), ref, atol=0.01 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(y.float(), ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_channels_last_depthwise_conv_trains_under_cpu_autocast(dtype):
     from ebranchformer.nn.dwconv import depthwise_conv_time

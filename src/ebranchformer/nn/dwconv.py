@@ -23,8 +23,14 @@ def depthwise_conv_time(
     c = weight.shape[0]
     cpu = x.device.type == "cpu"
     autocast = cpu_autocast_dtype() if cpu else None
-    if fast and c < 32 and cpu and torch.bfloat16 in (x.dtype, autocast):
-        fast = False  # oneDNN's bf16 channels-last depthwise conv never returns for 2-16 channels (torch 2.13.0)
+    if c < 32 and cpu and {torch.bfloat16, torch.float16} & {x.dtype, autocast}:
+        # oneDNN's half-precision depthwise conv never returns for 2-16 channels (torch 2.13.0: bf16 in the
+        # channels-last layout; fp16 in every layout on a CPU with AVX512-FP16, such as the project's Xeon VM):
+        # these small convs run in float32, and the result is cast to the half dtype that was asked for
+        out_dtype = autocast or x.dtype
+        with torch.autocast("cpu", enabled=False):
+            b = None if bias is None else bias.float()
+            return depthwise_conv_time(x.float(), weight.float(), b, left, right, fast).to(out_dtype)
     if fast:
         pad = left if left == right else 0  # symmetric padding inside the conv (no padded copy)
         h = F.pad(x, (0, 0, left, right)) if (left or right) and not pad else x  # (B, T + k - 1 - 2 pad, C)
