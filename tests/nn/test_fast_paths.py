@@ -531,27 +531,45 @@ def test_attend_pairs_equals_attend_blocks(pos_rows, block_bytes, relpos):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("amx", [False, True])  # without AMX the float32 blocks; with AMX SDPA's blocks in bf16
 @pytest.mark.parametrize("pairs_from", [1, 448])  # the float32 blocks on oneDNN pairs (1) or SDPA (448 > T')
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
-def test_blocked_cpu_attention_under_bf16_autocast(block_bytes, pairs_from):
-    # under bf16 autocast the inference blocks run in float32 on the bf16 projections (q, k, v and the position
-    # table): within bf16 rounding of the one-pass path (SDPA in bf16) and of the float32 module
+def test_blocked_cpu_attention_under_bf16_autocast(block_bytes, pairs_from, amx):
+    # under bf16 autocast the inference blocks run on the bf16 projections (q, k, v and the position table): in
+    # float32 without AMX, and on an AMX CPU (mocked either way) as SDPA in bf16 with a bf16 positional bias and
+    # key mask; within bf16 rounding of the one-pass path (SDPA in bf16) and of the float32 module
     from ebranchformer.nn import attention
 
     att = perturb_(RelPosSelfAttention(32, 4)).eval()
     x, valid = torch.randn(3, 61, 32), _valid([61, 40, 7], 61)
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kwargs):
+        sdpa_calls.append((q.dtype, k.dtype, v.dtype, attn_mask.dtype))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
     with (
         torch.no_grad(),
         mock.patch.object(attention, "_BLOCK_BYTES", block_bytes),
         mock.patch.object(attention, "_PAIRS_MIN_T", pairs_from),
+        mock.patch.object(attention, "cpu_amx_bf16", return_value=amx),
         mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs) as pairs,
     ):
         ref = att(x, valid)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            blocked = att(x, valid)
+            with mock.patch.object(F, "scaled_dot_product_attention", sdpa):
+                blocked = att(x, valid)
             att.chunked = False
             one_pass = att(x, valid)
-    assert pairs.call_count == (2 if pairs_from == 1 and _ONEDNN else 0)  # ref and blocked
+    pairs_calls = (1 + (not amx)) if pairs_from == 1 and _ONEDNN else 0  # ref, and blocked without AMX
+    assert pairs.call_count == pairs_calls
+    if amx:
+        assert sdpa_calls and set(sdpa_calls) == {(torch.bfloat16,) * 4}
+    elif pairs_from == 1 and _ONEDNN:
+        assert not sdpa_calls  # the float32 blocks went to the oneDNN pairs
+    else:
+        assert sdpa_calls and set(sdpa_calls) == {(torch.float32,) * 4}
     assert blocked.dtype == one_pass.dtype == torch.bfloat16
     scale = ref.abs().max()
     assert (blocked.float() - one_pass.float()).abs().max() <= 0.01 * scale
