@@ -381,6 +381,26 @@ def test_conv_subsample_fast_path_has_no_graph_breaks():
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3), k=st.sampled_from([3, 5]), s=st.integers(1, 3), c=st.integers(1, 9),
+    extra_t=st.integers(0, 25), extra_f=st.integers(0, 15), onednn=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)  # fmt: skip
+def test_one_channel_conv_as_product_over_taps_equals_conv2d(b, k, s, c, extra_t, extra_f, onednn, dtype):
+    # the chunked frontend's first conv (one input channel) as one product over the k x k taps (float32: on oneDNN
+    # with bias and ReLU inside, or F.linear)
+    from ebranchformer.nn import conv_blocks, linear
+
+    x = torch.randn(b, 1, k + extra_t, k + extra_f, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w, bias = torch.randn(c, 1, k, k, dtype=dtype), torch.randn(c, dtype=dtype)
+    with torch.no_grad(), mock.patch.object(linear, "_onednn_built", return_value=onednn and linear._onednn_built()):
+        y = conv_blocks._conv_relu(x, w, bias, s)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(y, F.relu(F.conv2d(x, w, bias, s)), atol=tol, rtol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_chunked_cpu_frontend_does_no_conv_work_on_padded_tails():
     # masked inference: once a row's last conv sees only padding, its blocks are not computed (their frames are
     # the last conv's act(bias), projected), and the output still equals the plain path's on every frame
@@ -403,8 +423,10 @@ def test_chunked_cpu_frontend_does_no_conv_work_on_padded_tails():
     t_out = fast.shape[1]  # 49 frames; the two short rows have 14 and 6
     first_conv_frames = (n - 3) // 2 + 1  # the second conv's valid input frames; output frame t reads 2t ... 2t + 2
     live_rows = [int((first_conv_frames > 2 * t).sum()) for t in range(t_out)]
-    assert rows_seen[1::2] == live_rows  # the second conv of each block ran on the live rows only
-    assert sum(rows_seen) < 2 * 3 * t_out
+    # the first conv (one input channel) is a product over its taps, not a conv2d call: the calls seen are the
+    # second conv's, and each block's ran on the live rows only
+    assert rows_seen == live_rows
+    assert sum(rows_seen) < 3 * t_out
 
 
 def test_chunked_cpu_frontend_under_bf16_autocast():
