@@ -292,14 +292,14 @@ def test_keep_mask_edges():
     assert keep_scale(1e-6) == 1.0 and bool(keep_mask((1000,), 1e-6, "cpu").all())  # rounds to no dropout
 
 
-def test_dropout_keeps_a_bool_mask(conv_encoder):
+def test_dropout_keeps_a_one_byte_mask(conv_encoder):
     from ebranchformer.nn.dropout import Dropout
 
     drop, kinds = Dropout(0.5).train(), []
     x = torch.randn(64, 32, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kinds.append(t.dtype) or t, lambda t: t):
         y = drop(x)
-    assert kinds == [torch.bool]
+    assert kinds == [torch.uint8]  # the bool mask's uint8 view (a float x bool product is slow on the CPU)
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] * 2)
     assert 0.4 < kept.float().mean() < 0.6

@@ -143,6 +143,12 @@ def _out_frames(t: int, convs: Convs) -> int:
 _conv_backward = torch.ops.aten.convolution_backward
 
 
+def _relu_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """g where y > 0, else 0: the gradient through a ReLU (output or input) y, in one pass (``threshold_backward``,
+    autograd's own ReLU backward; ``g * (y > 0)`` took 4.3 ms against 1.0 ms for (8, 499, 1024) float32)."""
+    return torch.ops.aten.threshold_backward(g, y, 0)
+
+
 class _ConvStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0, convs, valids, step, *params):  # params: w0, b0, w1, b1, ...
@@ -166,12 +172,12 @@ class _ConvStack(torch.autograd.Function):
             lo, hi = spans[-1]
             gyb, yb = gy[:, lo:hi], y[:, lo:hi]  # (B, r, F', C)
             if live is not None:  # the other rows' frames are ReLU(last bias): their gradient reaches that bias only
-                grads[-1] += (gyb[~live] * (yb[~live] > 0)).sum((0, 1, 2), dtype=torch.float32)
+                grads[-1] += _relu_grad(gyb[~live], yb[~live]).sum((0, 1, 2), dtype=torch.float32)
                 if not bool(live.any()):
                     continue
                 gyb, yb = gyb[live], yb[live]
             hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=live)[0]  # recompute the inner convs
-            g = (gyb * (yb > 0)).permute(0, 3, 1, 2)  # (b, C, r, F'), through the last ReLU
+            g = _relu_grad(gyb, yb).permute(0, 3, 1, 2)  # (b, C, r, F'), through the last ReLU
             g = g.contiguous(memory_format=torch.channels_last)
             for li in reversed(range(len(convs))):
                 s, w = convs[li][1], weights[li][0]
@@ -181,7 +187,7 @@ class _ConvStack(torch.autograd.Function):
                 grads[2 * li] += gw
                 grads[2 * li + 1] += gb
                 if li > 0:  # through the mask and the ReLU that made this conv's input (both zero where hs is)
-                    g = gin * (hs[li] > 0)
+                    g = _relu_grad(gin, hs[li])
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 

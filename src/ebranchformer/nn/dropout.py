@@ -59,9 +59,11 @@ def _drop_levels(p: float) -> int:
 
 
 def dropout_bool_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Elementwise dropout that keeps a bool mask for backward (``F.dropout`` keeps a float one on the CPU, 4x the
-    memory)."""
-    return (x * keep_mask(x.shape, p, x.device)).mul_(keep_scale(p))  # (..., D)
+    """Elementwise dropout that keeps a one-byte mask for backward (``F.dropout`` keeps a float one on the CPU, 4x
+    the memory). The bool mask enters the product as its uint8 view (the same bytes): on the CPU a float x bool
+    product takes a slow mixed-dtype path that float x uint8 does not ((8, 499, 1024) float32, 2 threads, this
+    session's Xeon VM: 1.5 ms against 5.6-9.2 ms; its backward, grad x mask, gains the same)."""
+    return (x * keep_mask(x.shape, p, x.device).view(torch.uint8)).mul_(keep_scale(p))  # (..., D)
 
 
 class Dropout(nn.Module):
