@@ -71,10 +71,16 @@ def _conv_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s: int) -> tor
     c, _, k, _ = w.shape
     if h.shape[1] != 1:
         return F.relu(F.conv2d(h, w, b, s))
-    cols = h[:, 0].unfold(1, k, s).unfold(2, k, s)  # (B, T', F', k, k): the taps of every output position
+    cols = _taps(h, k, s)  # (B, T', F', k, k)
     bt, t, f = cols.shape[:3]
     y = linear(cols.reshape(-1, k * k), w.view(c, k * k), b, F.relu)  # (B*T'*F', C)
     return y.view(bt, t, f, c).permute(0, 3, 1, 2)  # (B, C, T', F'), channels-last memory
+
+
+def _taps(h: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """The k x k taps of every output position of a stride-s conv over a one-channel image h (B, 1, T, F): a view
+    (B, T', F', k, k)."""
+    return h[:, 0].unfold(1, k, s).unfold(2, k, s)
 
 
 def _channels_last_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -181,14 +187,28 @@ class _ConvStack(torch.autograd.Function):
             g = g.contiguous(memory_format=torch.channels_last)
             for li in reversed(range(len(convs))):
                 s, w = convs[li][1], weights[li][0]
-                gin, gw, gb = _conv_backward(
-                    g, hs[li], w, [w.shape[0]], [s, s], [0, 0], [1, 1], False, [0, 0], 1, [li > 0, True, True]
-                )
+                if li == 0 and w.shape[1] == 1:  # one input channel: no input gradient, and one product
+                    gw, gb = _one_channel_param_grads(g, hs[0], w.shape[-1], s)
+                else:
+                    gin, gw, gb = _conv_backward(
+                        g, hs[li], w, [w.shape[0]], [s, s], [0, 0], [1, 1], False, [0, 0], 1, [li > 0, True, True]
+                    )
                 grads[2 * li] += gw
                 grads[2 * li + 1] += gb
                 if li > 0:  # through the mask and the ReLU that made this conv's input (both zero where hs is)
                     g = _relu_grad(gin, hs[li])
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+
+
+def _one_channel_param_grads(g: torch.Tensor, x: torch.Tensor, k: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (C, 1, k, k) and bias (C,) gradients of a stride-s conv over a one-channel image x (B, 1, T, F), given
+    its output gradient g (B, C, T', F') channels-last: one (k*k, N) x (N, C) product over the taps, N = B*T'*F' (a
+    LibriSpeech-100 training block, 2 threads: 0.6 ms with the bias sum, against 3.0-5.5 ms for oneDNN's
+    convolution backward)."""
+    c = g.shape[1]
+    gf = g.permute(0, 2, 3, 1).reshape(-1, c)  # (N, C), a view of the channels-last memory
+    gw = _taps(x, k, s).reshape(-1, k * k).to(gf.dtype).t().mm(gf)  # (k*k, C)
+    return gw.t().reshape(c, 1, k, k), gf.sum(0)
 
 
 def conv_stack_train(x, convs: Convs, weights, valids, step: int) -> torch.Tensor:
