@@ -110,16 +110,16 @@ class _MultiHeadBase(nn.Module):
         drop = self.att_dropout if self.training else 0.0
         if not torch.is_grad_enabled() and drop == 0.0:
             block = block_rows(b, h, t, _BLOCK_BYTES)
-            autocast = cpu_autocast_dtype()
-            if autocast is not None:
+            if self._amx_blocks():
+                # AMX: SDPA's blocks in bf16 (its CPU kernel keeps scores and softmax in float32), the positional
+                # bias a bf16 product too: about 0.4x the float32 blocks' time. The encoder output deviates from
+                # float32 as much as with the float32 blocks (LibriSpeech-100 bench batch: mean abs 0.00393 either
+                # way, and 0.00393 with the bias kept in float32)
                 with torch.autocast(qu.device.type, enabled=False):
-                    if autocast == torch.bfloat16 and self.onednn and cpu_amx_bf16():
-                        # AMX: SDPA's blocks in bf16 (its CPU kernel keeps scores and softmax in float32), the
-                        # positional bias a bf16 product too: about 0.4x the float32 blocks' time. The encoder
-                        # output deviates from float32 as much as with the float32 blocks (LibriSpeech-100 bench
-                        # batch: mean abs 0.00393 either way, and 0.00393 with the bias kept in float32)
-                        args = [None if x is None else x.to(torch.bfloat16) for x in (qu, k, v, qv, p, key_bias)]
-                        return attend_blocks(*args, block)
+                    args = [None if x is None else x.to(torch.bfloat16) for x in (qu, k, v, qv, p, key_bias)]
+                    return attend_blocks(*args, block)
+            if cpu_autocast_dtype() is not None:
+                with torch.autocast(qu.device.type, enabled=False):
                     # without AMX the blocks run in float32 on the half-precision projections: SDPA's CPU kernel
                     # was slower in bf16 than in float32 at these block sizes on AVX-512 alone (bf16 encoder
                     # forward 0.95x with this), and scores and softmax keep float32 precision
@@ -129,6 +129,12 @@ class _MultiHeadBase(nn.Module):
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)
+
+    def _amx_blocks(self) -> bool:
+        """Whether :meth:`_blocked` runs SDPA's blocks in bf16: inference (no gradients, no attention dropout)
+        under CPU bf16 autocast on a CPU with AMX, with ``onednn`` on."""
+        inference = not torch.is_grad_enabled() and not (self.training and self.att_dropout > 0)
+        return inference and self.onednn and cpu_autocast_dtype() == torch.bfloat16 and cpu_amx_bf16()
 
     def _infer_blocks(self, qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
         """Blocked inference: oneDNN's products one (row, head) pair at a time for float32 from T' >=
@@ -241,8 +247,11 @@ class RelPosSelfAttention(_MultiHeadBase):
         p = self.linear_pos(self.pos_emb_dropout(table))  # (P, D), P = 2T-1 (latest) or T (legacy)
         p = p.view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, P, dk)
         if self._cpu_blocks(q) and not (self.legacy or self.zero_triu):
-            qv = (q + self.pos_bias_v[:, None, :]) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, dk)
-            return self.out_proj(self._blocked(q + self.pos_bias_u[:, None, :], k, v, qv, p, valid))
+            bu, bv = self.pos_bias_u, self.pos_bias_v
+            if self._amx_blocks():  # the blocks take bf16: the biased queries are made in it (q is bf16 there)
+                bu, bv = bu.to(q.dtype), bv.to(q.dtype)
+            qv = (q + bv[:, None, :]) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, dk)
+            return self.out_proj(self._blocked(q + bu[:, None, :], k, v, qv, p, valid))
         return self.out_proj(self._core(self._scores_and_attend, q, k, v, p, valid))
 
     def _scores_and_attend(
