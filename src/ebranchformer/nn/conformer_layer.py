@@ -157,8 +157,8 @@ class ConformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, *, mask_convs: bool = True) -> torch.Tensor:
         check_frames(x, valid, self.config.out_dim, like=next(self.parameters(), None))
-        x = x + 0.5 * self.dropout(self.ffn1(self.ffn1_layer_norm(x)))
+        x = torch.add(x, self.dropout(self.ffn1(self.ffn1_layer_norm(x))), alpha=0.5)  # one pass
         x = x + self.dropout(self.self_att(self.self_att_layer_norm(x), valid))
         x = x + self.dropout(self.conv_block(self.conv_layer_norm(x), valid if mask_convs else None))
-        x = x + 0.5 * self.dropout(self.ffn2(self.ffn2_layer_norm(x)))
+        x = torch.add(x, self.dropout(self.ffn2(self.ffn2_layer_norm(x))), alpha=0.5)  # one pass
         return self.final_layer_norm(x)

@@ -133,10 +133,10 @@ class EBranchformerLayer(nn.Module):
         check_frames(x, valid, self.config.out_dim, like=next(self.parameters(), None))
         conv_valid = valid if mask_convs else None
         if self.config.macaron_ffn:
-            x = x + self.ff_scale * self.dropout(self.ffn1(self.ffn1_layer_norm(x)))
+            x = torch.add(x, self.dropout(self.ffn1(self.ffn1_layer_norm(x))), alpha=self.ff_scale)  # one pass
         a = self.dropout(self.self_att(self.self_att_layer_norm(x), valid))
         g = self.dropout(self.cgmlp(self.cgmlp_layer_norm(x), conv_valid))
         x = x + self.dropout(self.merge(a, g, conv_valid))
         if self.config.use_ffn:
-            x = x + self.ff_scale * self.dropout(self.ffn2(self.ffn2_layer_norm(x)))
+            x = torch.add(x, self.dropout(self.ffn2(self.ffn2_layer_norm(x))), alpha=self.ff_scale)  # one pass
         return self.final_layer_norm(x)
