@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,3 +169,27 @@ def test_flop_counter_counts_the_onednn_linear():
     with FlopCounterMode(display=False) as plain:
         F.linear(x, w).sum().backward()
     assert fast.get_total_flops() == plain.get_total_flops() == 3 * 2 * 30 * 16 * 8
+
+
+def test_bf16_inference_keeps_each_parameters_cast_until_it_changes():
+    lin = Linear(16, 8)
+    x = torch.randn(5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y1 = lin(x)
+        cast = linear_mod._CASTS[lin.weight][1]
+        y2 = lin(x)
+        assert linear_mod._CASTS[lin.weight][1] is cast and torch.equal(y1, y2)  # cast once, reused
+        assert cast.dtype == torch.bfloat16 and torch.equal(cast, lin.weight.bfloat16())
+        lin.weight.mul_(2)  # an in-place change (as an optimizer step): a new cast
+        torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight, lin.bias).float(), atol=0.05, rtol=0.02)
+        assert linear_mod._CASTS[lin.weight][1] is not cast
+        lin.load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.ones(8)})
+        assert torch.equal(lin(x).float(), torch.ones(5, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # with gradients: no kept cast
+        y = lin(x.requires_grad_())
+    y.float().sum().backward()
+    assert lin.weight.grad is not None
+    kept = len(linear_mod._CASTS)
+    del lin, y
+    gc.collect()
+    assert len(linear_mod._CASTS) <= kept - 2  # the weight's and the bias's entries go with them
