@@ -534,6 +534,31 @@ def test_onednn_pairs_only_for_float32_from_the_threshold_on():
     assert pairs.call_count == 1
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4), heads=st.sampled_from([1, 3]),
+    block=st.sampled_from([1, 7, 64]),
+)  # fmt: skip
+def test_attend_blocks_key_tails_equal_the_key_bias_sum(lengths, heads, block):
+    # padded keys as -inf written into the positional bias view in place (key_tails) instead of a summed key mask
+    from ebranchformer.nn.attention import _key_bias, _key_tails
+    from ebranchformer.nn.blocked_attention import attend_blocks
+
+    t, dk = max(lengths) + 2, 8  # some padding in every row
+    qu, k, v, qv = (torch.randn(len(lengths), heads, t, dk, dtype=torch.float64) for _ in range(4))
+    p = torch.randn(heads, 2 * t - 1, dk, dtype=torch.float64)
+    valid = _valid(lengths, t)
+    tails = _key_tails(valid)
+    assert tails == lengths
+    with torch.no_grad():
+        ref = attend_blocks(qu, k, v, qv, p, _key_bias(valid, torch.float64), block)
+        out = attend_blocks(qu, k, v, qv, p, _key_bias(valid, torch.float64), block, key_tails=tails)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    holes = _valid([3, 2], 5)
+    holes[0, 0] = False  # not a prefix: no tails, the key mask is summed
+    assert _key_tails(holes) is None
+
+
 @needs_onednn
 @pytest.mark.parametrize("pos_rows", [1, 5, 128])
 @pytest.mark.parametrize("block_bytes", [1, 700, 1 << 30])

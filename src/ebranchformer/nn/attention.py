@@ -15,7 +15,7 @@ from .autocast import cpu_amx_bf16, cpu_autocast_dtype
 from .blocked_attention import attend_blocks, attend_blocks_train, attend_pairs, block_rows
 from .dropout import Dropout, keep_mask
 from .linear import Linear, onednn_float32
-from .masking import check_frames
+from .masking import check_frames, lengths_to_valid
 from .norm import LayerNorm
 from .posenc import legacy_rel_pos_table, rel_pos_table
 
@@ -35,6 +35,14 @@ def _key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     b, t = valid.shape
     bias = torch.zeros((b, 1, 1, t), dtype=dtype, device=valid.device)
     return bias.masked_fill_(~valid[:, None, None, :], float("-inf"))  # (B, 1, 1, T)
+
+
+def _key_tails(valid: torch.Tensor) -> list[int] | None:
+    """Each row's first padded key if every row's valid keys are a prefix (T: no padding), else None."""
+    n = valid.sum(1)  # (B,)
+    if not torch.equal(valid, lengths_to_valid(n, valid.shape[1])):
+        return None
+    return n.tolist()
 
 
 def rel_shift(bd: torch.Tensor, fast: bool = True) -> torch.Tensor:
@@ -114,10 +122,11 @@ class _MultiHeadBase(nn.Module):
                 # AMX: SDPA's blocks in bf16 (its CPU kernel keeps scores and softmax in float32), the positional
                 # bias a bf16 product too: about 0.4x the float32 blocks' time. The encoder output deviates from
                 # float32 as much as with the float32 blocks (LibriSpeech-100 bench batch: mean abs 0.00393 either
-                # way, and 0.00393 with the bias kept in float32)
+                # way, and 0.00393 with the bias kept in float32). Blocks of bf16 scores of the same bytes.
                 with torch.autocast(qu.device.type, enabled=False):
                     args = [None if x is None else x.to(torch.bfloat16) for x in (qu, k, v, qv, p, key_bias)]
-                    return attend_blocks(*args, block)
+                    block = block_rows(b, h, t, _BLOCK_BYTES, itemsize=2)
+                    return attend_blocks(*args, block, key_tails=_key_tails(valid))
             if cpu_autocast_dtype() is not None:
                 with torch.autocast(qu.device.type, enabled=False):
                     # without AMX the blocks run in float32 on the half-precision projections: SDPA's CPU kernel

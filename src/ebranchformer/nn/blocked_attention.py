@@ -34,9 +34,10 @@ __all__ = ["attend_blocks", "attend_blocks_train", "attend_pairs", "block_rows"]
 _HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
 
 
-def block_rows(b: int, h: int, t: int, block_bytes: int) -> int:
-    """Queries per block so that a block's (B, H, r, T) float32 scores take about ``block_bytes``."""
-    return max(16, block_bytes // (4 * b * h * t))
+def block_rows(b: int, h: int, t: int, block_bytes: int, itemsize: int = 4) -> int:
+    """Queries per block so that a block's (B, H, r, T) scores of ``itemsize`` bytes (Default: float32) take about
+    ``block_bytes``."""
+    return max(16, block_bytes // (itemsize * b * h * t))
 
 
 def _table_rows(qv: torch.Tensor, a: int, e: int) -> tuple[torch.Tensor, int, int]:
@@ -62,14 +63,27 @@ def _by_key(local: torch.Tensor, b: int, h: int, n: int, t: int) -> torch.Tensor
     return local.as_strided((b, h, n, t), (n * w, b * n * w, w - 1, 1), local.storage_offset() + n - 1)
 
 
-def attend_blocks(qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
+def attend_blocks(qu, k, v, qv, p, key_bias, block: int, key_tails: list[int] | None = None) -> torch.Tensor:
     """Inference: softmax(qu k^T / sqrt(dk) + positional bias + key_bias) v in blocks of ``block`` queries
-    (``qv``/``p`` None: no positional term). Returns (B, T, H*dk)."""
+    (``qv``/``p`` None: no positional term). Returns (B, T, H*dk).
+
+    ``key_tails`` (with a positional term): each row's first padded key (T: none), where ``key_bias`` is -inf on
+    exactly those tails. The positional bias view (:func:`_pos_bias`) then gets -inf written into the padded keys'
+    entries in place, instead of a sum with ``key_bias`` that writes a whole new (B, H, n, T) mask (one layer's bf16
+    attention, 4 rows of 499 frames, one thread: 8-10 ms against 9.4-17 ms, same values)."""
     b, h, t, dk = qu.shape
     outs = []
     for a in range(0, t, block):
         e = min(a + block, t)
-        mask = key_bias if p is None else _pos_bias(qv, p, a, e) + key_bias  # (B, H, n, T)
+        if p is None:
+            mask = key_bias
+        elif key_tails is None:
+            mask = _pos_bias(qv, p, a, e) + key_bias  # (B, H, n, T)
+        else:
+            mask = _pos_bias(qv, p, a, e)  # (B, H, n, T), a view of this block's own product
+            for row, first in enumerate(key_tails):
+                if first < t:
+                    mask[row, :, :, first:] = float("-inf")  # (H, n, T - first), strided
         outs.append(F.scaled_dot_product_attention(qu[:, :, a:e], k, v, attn_mask=mask, scale=1.0 / math.sqrt(dk)))
     o = torch.cat(outs, dim=2)  # (B, H, T, dk)
     return o.transpose(1, 2).reshape(b, t, h * dk)  # (B, T, D)
