@@ -492,6 +492,8 @@ def test_blocked_cpu_attention_equals_plain(lengths, heads, block_bytes, dtype):
 
 _ONEDNN = onednn_float32(torch.zeros(1))
 needs_onednn = pytest.mark.skipif(not _ONEDNN, reason="oneDNN is not built into this torch")
+# the oneDNN pairs serve CPUs other than Intel's (there SDPA's blocks were faster): tests of them mock the vendor
+_not_intel = mock.patch("ebranchformer.nn.attention.cpu_vendor", return_value="AuthenticAMD")
 
 
 @needs_onednn
@@ -506,7 +508,7 @@ def test_blocked_cpu_attention_on_onednn_pairs_equals_plain(lengths, heads):
     t = max(lengths)
     x, valid = torch.randn(len(lengths), t, 16), _valid(lengths, t)
     spy = mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs)
-    with torch.no_grad(), mock.patch.object(attention, "_PAIRS_MIN_T", 1), spy as pairs:
+    with torch.no_grad(), mock.patch.object(attention, "_PAIRS_MIN_T", 1), _not_intel, spy as pairs:
         paired = att(x, valid)
         assert pairs.call_count == 1
         att.fast = False
@@ -522,15 +524,18 @@ def test_onednn_pairs_only_for_float32_from_the_threshold_on():
     x, valid = torch.randn(2, 30, 16), _valid([30, 12], 30)
     spy = mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs)
     with torch.no_grad(), spy as pairs:
-        with mock.patch.object(attention, "_PAIRS_MIN_T", 31):
+        with mock.patch.object(attention, "_PAIRS_MIN_T", 31), _not_intel:
             att(x, valid)  # T' = 30 < 31: SDPA in blocks
         with mock.patch.object(attention, "_PAIRS_MIN_T", 30):
-            att.double()(x.double(), valid)  # float64: SDPA in blocks
-            att.float().onednn = False
-            att(x, valid)  # switched off (set_fast_path(False) / set_cpu_blocks(False) do this)
-            assert pairs.call_count == 0
-            att.onednn = True
-            att(x, valid)
+            with mock.patch.object(attention, "cpu_vendor", return_value="GenuineIntel"):
+                att(x, valid)  # an Intel CPU: SDPA in blocks
+            with _not_intel:
+                att.double()(x.double(), valid)  # float64: SDPA in blocks
+                att.float().onednn = False
+                att(x, valid)  # switched off (set_fast_path(False) / set_cpu_blocks(False) do this)
+                assert pairs.call_count == 0
+                att.onednn = True
+                att(x, valid)
     assert pairs.call_count == 1
 
 
@@ -601,6 +606,7 @@ def test_blocked_cpu_attention_under_bf16_autocast(block_bytes, pairs_from, amx)
         mock.patch.object(attention, "_BLOCK_BYTES", block_bytes),
         mock.patch.object(attention, "_PAIRS_MIN_T", pairs_from),
         mock.patch.object(attention, "cpu_amx_bf16", return_value=amx),
+        _not_intel,
         mock.patch.object(attention, "attend_pairs", wraps=attention.attend_pairs) as pairs,
     ):
         ref = att(x, valid)

@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import register
-from .autocast import cpu_amx_bf16, cpu_autocast_dtype
+from .autocast import cpu_autocast_dtype
 from .blocked_attention import attend_blocks, attend_blocks_train, attend_pairs, block_rows
+from .cpu_features import cpu_amx_bf16, cpu_vendor
 from .dropout import Dropout, keep_mask
 from .linear import Linear, onednn_float32
 from .masking import check_frames, lengths_to_valid
@@ -133,8 +134,8 @@ class _MultiHeadBase(nn.Module):
                     # was slower in bf16 than in float32 at these block sizes on AVX-512 alone (bf16 encoder
                     # forward 0.95x with this), and scores and softmax keep float32 precision
                     args = [None if x is None else x.float() for x in (qu, k, v, qv, p, key_bias)]
-                    return self._infer_blocks(*args, block)
-            return self._infer_blocks(qu, k, v, qv, p, key_bias, block)
+                    return self._infer_blocks(*args, block, _key_tails(valid))
+            return self._infer_blocks(qu, k, v, qv, p, key_bias, block, _key_tails(valid))
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)
@@ -145,12 +146,16 @@ class _MultiHeadBase(nn.Module):
         inference = not torch.is_grad_enabled() and not (self.training and self.att_dropout > 0)
         return inference and self.onednn and cpu_autocast_dtype() == torch.bfloat16 and cpu_amx_bf16()
 
-    def _infer_blocks(self, qu, k, v, qv, p, key_bias, block: int) -> torch.Tensor:
+    def _infer_blocks(self, qu, k, v, qv, p, key_bias, block: int, key_tails: list[int] | None) -> torch.Tensor:
         """Blocked inference: oneDNN's products one (row, head) pair at a time for float32 from T' >=
-        ``_PAIRS_MIN_T`` on (:func:`~.blocked_attention.attend_pairs`), else SDPA in blocks of ``block`` queries."""
-        if self.onednn and qu.shape[2] >= _PAIRS_MIN_T and onednn_float32(qu, k, v):
+        ``_PAIRS_MIN_T`` on (:func:`~.blocked_attention.attend_pairs`) on a CPU that is not Intel's, else SDPA in
+        blocks of ``block`` queries. Where MKL runs at full speed (Intel), SDPA's CPU kernel, whose products are
+        MKL's, was the faster: ls100 fp32 forward 0.93x the pairs' time, one 80 s utterance 0.92x (this session's
+        Xeon VM, 2 threads); on the AMD EPYC VM the pairs were (0.977x and 0.917x the SDPA blocks' time)."""
+        pairs = self.onednn and qu.shape[2] >= _PAIRS_MIN_T and onednn_float32(qu, k, v)
+        if pairs and cpu_vendor() != "GenuineIntel":
             return attend_pairs(qu, k, v, qv, p, key_bias, _PAIR_BLOCK_BYTES)
-        return attend_blocks(qu, k, v, qv, p, key_bias, block)
+        return attend_blocks(qu, k, v, qv, p, key_bias, block, key_tails)
 
     def _core(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """``fn(*args)``, checkpointed in training when ``recompute`` is set."""
