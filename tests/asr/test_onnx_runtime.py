@@ -61,10 +61,14 @@ def test_numpy_log_mel_equals_torch_frontend(config):
         assert (
             ours.dtype == np.float32 and ours.shape == tuple(ref.shape[1:]) and n.tolist() == [ours.shape[0]]
         )
-        # the torch frontend computes in float32: its rounding, in near-silent bins, bounds the difference
-        np.testing.assert_allclose(ours, ref[0].numpy(), rtol=0, atol=1e-3)
+        # Both compute in float32, whose rounding in near-silent bins (log-mel about -18 to -23) moves a value by
+        # up to about 1e-3 from the float64 result: measured 4.3e-4 for ours and 1.0e-3 for the torch frontend
+        # (espnet-blackman, this session's Xeon VM; the two differed by 1.3e-3 there). Against the float64 frontend
+        # the bound is that rounding; against the float32 one, the two roundings together.
+        ref64, _ = fe(torch.from_numpy(w.astype(np.float64))[None])
+        np.testing.assert_allclose(ours, ref64[0].float().numpy(), rtol=0, atol=1e-3)
+        np.testing.assert_allclose(ours, ref[0].numpy(), rtol=0, atol=2e-3)
         if config.preset == "kaldi":  # in float64 the two computations are the same arithmetic
-            ref64, _ = fe(torch.from_numpy(w.astype(np.float64))[None])
             np.testing.assert_allclose(ours, ref64[0].float().numpy(), rtol=0, atol=1e-5)
 
 
