@@ -44,9 +44,10 @@ def block_spans(convs: Convs, t_out: int, step: int) -> list[list[tuple[int, int
     return blocks
 
 
-def _block(x0, convs, weights, valids, spans, last: bool = True, rows: torch.Tensor | None = None):
+def _block(x0, convs, weights, valids, spans, last: bool = True, rows: torch.Tensor | None = None, taps=True):
     """One block's forward: the (masked) input of every conv, and the last conv's ReLU output (B, C, r, F')
-    (None with ``last=False``, which skips the last conv); ``rows`` ((B,) bool) selects batch rows."""
+    (None with ``last=False``, which skips the last conv); ``rows`` ((B,) bool) selects batch rows; ``taps``: a
+    one-channel conv as a product over its taps (:func:`_conv_relu`; inference), else ``conv2d``."""
     lo, hi = spans[0]
     h = x0[:, :, lo:hi] if rows is None else x0[rows, :, lo:hi]  # (B, 1, frames, F)
     hs = []
@@ -58,7 +59,7 @@ def _block(x0, convs, weights, valids, spans, last: bool = True, rows: torch.Ten
         hs.append(h)
         if li == len(convs) - 1 and not last:
             return hs, None
-        h = _conv_relu(h, w, b, s)  # (B, C, frames', F'), channels-last
+        h = _conv_relu(h, w, b, s) if taps else F.relu(F.conv2d(h, w, b, s))  # (B, C, frames', F'), channels-last
     return hs, h
 
 
@@ -67,7 +68,9 @@ def _conv_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s: int) -> tor
     one (B*T'*F', k*k) x (k*k, C) product over the taps (:func:`~.linear.linear`: on oneDNN with the bias and the
     ReLU inside): a block of the LibriSpeech-100 frontend (8 x 51 x 80 frames, 256 channels, 2 threads) 0.50 ms
     in float32 and 0.40 ms in bf16 against 3.3 and 1.8 ms for oneDNN's convolution plus ReLU on the project's
-    Xeon VM; the float32 values are the same."""
+    Xeon VM; the float32 values are the same up to rounding. Inference only: in training the rounding, which differs
+    from ``conv2d``'s (ESPnet's), can send a pre-activation within rounding of 0 the other way through the ReLU,
+    which moved a small batch's first-conv weight gradient by 1.8e-3 of its largest entry from ESPnet's."""
     c, _, k, _ = w.shape
     if h.shape[1] != 1:
         return F.relu(F.conv2d(h, w, b, s))
@@ -97,7 +100,7 @@ def conv_stack_blocks(x, convs: Convs, weights, valids, step: int, project) -> t
     if any(live is not None for live in lives):  # the projected dead frame (D,)
         dead = project(_dead_frame(weights, x0.shape[3], convs).reshape(1, -1)).view(-1)  # (F', C) -> (1, F'*C)
     finish = partial(_project, project=project)  # (B, C, r, F') -> (B, r, D)
-    outs = [_block_out(x0, convs, weights, valids, sp, live, dead, finish) for sp, live in zip(blocks, lives)]
+    outs = [_block_out(x0, convs, weights, valids, sp, live, dead, finish, True) for sp, live in zip(blocks, lives)]
     return torch.cat(outs, dim=1)  # (B, T', D)
 
 
@@ -117,14 +120,14 @@ def _dead_frame(weights, f_in: int, convs: Convs) -> torch.Tensor:
     return F.relu(weights[-1][1]).expand(_out_frames(f_in, convs), -1)
 
 
-def _block_out(x0, convs, weights, valids, spans, live, dead, finish) -> torch.Tensor:
+def _block_out(x0, convs, weights, valids, spans, live, dead, finish, taps: bool) -> torch.Tensor:
     """``finish`` applied to the block's last ReLU output (B, C, r, F') -> (B, r, ...); with ``live`` ((B,) bool) only
-    the live rows are computed and the others are ``dead`` (broadcast over (B, r))."""
+    the live rows are computed and the others are ``dead`` (broadcast over (B, r)); ``taps`` as for :func:`_block`."""
     if live is None:
-        return finish(_block(x0, convs, weights, valids, spans)[1])
+        return finish(_block(x0, convs, weights, valids, spans, taps=taps)[1])
     out = dead.expand(x0.shape[0], spans[-1][1] - spans[-1][0], *dead.shape).clone()  # (B, r, ...)
     if bool(live.any()):
-        out[live] = finish(_block(x0, convs, weights, valids, spans, rows=live)[1]).to(out.dtype)
+        out[live] = finish(_block(x0, convs, weights, valids, spans, rows=live, taps=taps)[1]).to(out.dtype)
     return out
 
 
@@ -162,7 +165,7 @@ class _ConvStack(torch.autograd.Function):
         blocks = block_spans(convs, _out_frames(x0.shape[2], convs), step)
         lives, dead = _live_rows(valids, blocks), _dead_frame(weights, x0.shape[3], convs)  # dead (F', C)
         finish = partial(torch.permute, dims=(0, 2, 3, 1))  # (B, C, r, F') -> (B, r, F', C)
-        ys = [_block_out(x0, convs, weights, valids, sp, live, dead, finish) for sp, live in zip(blocks, lives)]
+        ys = [_block_out(x0, convs, weights, valids, sp, live, dead, finish, False) for sp, live in zip(blocks, lives)]
         y = torch.cat(ys, dim=1)
         ctx.save_for_backward(x0, y, *params)  # y: (B, T', F', C)
         ctx.convs, ctx.valids, ctx.blocks, ctx.lives = convs, valids, blocks, lives
@@ -182,7 +185,7 @@ class _ConvStack(torch.autograd.Function):
                 if not bool(live.any()):
                     continue
                 gyb, yb = gyb[live], yb[live]
-            hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=live)[0]  # recompute the inner convs
+            hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=live, taps=False)[0]  # the inner convs
             g = _relu_grad(gyb, yb).permute(0, 3, 1, 2)  # (b, C, r, F'), through the last ReLU
             g = g.contiguous(memory_format=torch.channels_last)
             for li in reversed(range(len(convs))):
