@@ -432,7 +432,7 @@ def test_chunked_cpu_frontend_does_no_conv_work_on_padded_tails():
 def test_chunked_cpu_frontend_under_bf16_autocast():
     sub = perturb_(Conv2dSubsampling(80, 64)).eval()
     x, n = torch.randn(3, 300, 80), torch.tensor([300, 211, 40])
-    with torch.no_grad(), mock.patch.object(subsampling, "_BLOCK_BYTES", 20000):
+    with torch.no_grad(), mock.patch.object(subsampling, "_HALF_BLOCK_BYTES", 20000):  # several blocks
         sub.fast = False
         ref = sub(x, n)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
