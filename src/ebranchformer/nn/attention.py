@@ -118,7 +118,7 @@ class _MultiHeadBase(nn.Module):
         key_bias = _key_bias(valid, (qu if qv is None else qv).dtype)  # (B, 1, 1, T)
         drop = self.att_dropout if self.training else 0.0
         if not torch.is_grad_enabled() and drop == 0.0:
-            block = block_rows(b, h, t, _BLOCK_BYTES)
+            tails = _key_tails(valid)
             if self._amx_blocks():
                 # AMX: SDPA's blocks in bf16 (its CPU kernel keeps scores and softmax in float32), the positional
                 # bias a bf16 product too: about 0.4x the float32 blocks' time. The encoder output deviates from
@@ -126,16 +126,16 @@ class _MultiHeadBase(nn.Module):
                 # way, and 0.00393 with the bias kept in float32). Blocks of bf16 scores of the same bytes.
                 with torch.autocast(qu.device.type, enabled=False):
                     args = [None if x is None else x.to(torch.bfloat16) for x in (qu, k, v, qv, p, key_bias)]
-                    block = block_rows(b, h, t, _BLOCK_BYTES, itemsize=2)
-                    return attend_blocks(*args, block, key_tails=_key_tails(valid))
+                    return attend_blocks(*args, block_rows(b, h, t, _BLOCK_BYTES, itemsize=2), key_tails=tails)
+            block = block_rows(b, h, t, _BLOCK_BYTES)
             if cpu_autocast_dtype() is not None:
                 with torch.autocast(qu.device.type, enabled=False):
                     # without AMX the blocks run in float32 on the half-precision projections: SDPA's CPU kernel
                     # was slower in bf16 than in float32 at these block sizes on AVX-512 alone (bf16 encoder
                     # forward 0.95x with this), and scores and softmax keep float32 precision
                     args = [None if x is None else x.float() for x in (qu, k, v, qv, p, key_bias)]
-                    return self._infer_blocks(*args, block, _key_tails(valid))
-            return self._infer_blocks(qu, k, v, qv, p, key_bias, block, _key_tails(valid))
+                    return self._infer_blocks(*args, block, tails)
+            return self._infer_blocks(qu, k, v, qv, p, key_bias, block, tails)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)

@@ -136,7 +136,7 @@ class Conv2dSubsampling(Frontend):
         weights = [(conv.weight.to(dtype), conv.bias.to(dtype)) for conv in self.convs]
         train = torch.is_grad_enabled()
         size = 2 * b * self.in_dim * self.out_dim * torch.finfo(dtype).bits // 8  # bytes per output frame
-        budget = _TRAIN_BLOCK_BYTES if train else _BLOCK_BYTES if dtype.itemsize == 4 else _HALF_BLOCK_BYTES
+        budget = _TRAIN_BLOCK_BYTES if train else _HALF_BLOCK_BYTES if dtype.itemsize < 4 else _BLOCK_BYTES
         step = max(1, budget // size)
         c = self.convs[-1].out_channels
         w = self.out.weight.view(-1, c, self.out.in_features // c).transpose(1, 2)  # (D, F', C)
