@@ -18,4 +18,3 @@ def test_cpu_autocast_dtype_follows_this_threads_autocast():
     with torch.autocast("cuda", dtype=torch.float16, enabled=torch.cuda.is_available()):
         assert cpu_autocast_dtype() is None  # another device's autocast
     assert seen == [None]  # autocast is thread-local
-
