@@ -1,6 +1,9 @@
 from pathlib import Path
 
-from ebranchformer.nn.cpu_features import cpu_amx_bf16, cpu_vendor
+import pytest
+import torch
+
+from ebranchformer.nn.cpu_features import cpu_amx_bf16, cpu_onednn_bf16, cpu_vendor
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -21,3 +24,16 @@ def test_cpu_vendor_is_the_kernels_vendor_id():
     assert isinstance(cpu_vendor(), str)
     if _CPUINFO.exists():
         assert cpu_vendor() == _cpuinfo_field("vendor_id") != ""
+
+
+def test_cpu_onednn_bf16_follows_the_cpus_avx512_and_amx_flags():
+    assert isinstance(cpu_onednn_bf16(), bool)
+    flags = set(_cpuinfo_field("flags").split()) if _CPUINFO.exists() else set()
+    if {"avx512bw", "avx512vl", "avx512dq"} <= flags or "amx_bf16" in flags:
+        assert cpu_onednn_bf16()
+    elif flags and not flags & {"avx512f", "avx_ne_convert", "amx_tile"}:  # AVX2 at most: no bf16 kernels
+        assert not cpu_onednn_bf16()
+    if not cpu_onednn_bf16() and torch.backends.mkldnn.is_available():  # and then oneDNN indeed refuses a bf16 product
+        a = torch.ones(2, 4, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._linear_pointwise(a, a, None, "none", [], "")

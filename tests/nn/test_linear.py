@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from unittest import mock
 
 import pytest
 import torch
@@ -11,12 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebranchformer.nn import linear as linear_mod
+from ebranchformer.nn.cpu_features import cpu_onednn_bf16
 from ebranchformer.nn.linear import Linear, linear
 
 from .conftest import small_encoder
 
 pytestmark = pytest.mark.skipif(linear_mod._onednn_dtype(torch.zeros(1), torch.zeros(1), False) is None,
                                 reason="this torch has no oneDNN")  # fmt: skip
+# bf16 inference on oneDNN's bf16 kernels (where this CPU has them) and as float32 products of bf16-rounded operands
+# (what CPUs without them run; forced here on any CPU)
+_BF16_KERNELS = [
+    pytest.param(True, id="native", marks=pytest.mark.skipif(not cpu_onednn_bf16(), reason="no oneDNN bf16 here")),
+    pytest.param(False, id="emulated"),
+]
 
 
 def _grads(fn, x, w, b, g):
@@ -97,6 +105,7 @@ def test_other_dtypes_and_autocast_training_take_f_linear(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("native", _BF16_KERNELS)
 @settings(max_examples=20, deadline=None)
 @given(
     n=st.integers(1, 40),
@@ -106,14 +115,15 @@ def test_other_dtypes_and_autocast_training_take_f_linear(monkeypatch):
     act=st.sampled_from([None, F.silu, F.gelu, F.relu]),
     seed=st.integers(0, 2**16),
 )
-def test_bf16_autocast_inference_on_onednn(n, k, m, bias, act, seed):
+def test_bf16_autocast_inference_on_onednn(native, n, k, m, bias, act, seed):
     # inference under bf16 autocast: oneDNN in bf16 with the activation on the float32 accumulator; autocast's
     # F.linear rounds the product to bf16 before its activation, so the two agree within a few bf16 roundings
     gen = torch.Generator().manual_seed(seed)
     x, w = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen) / k**0.5
     b = torch.randn(m, generator=gen) if bias else None
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = linear(x, w, b, act)
+        with mock.patch.object(linear_mod, "cpu_onednn_bf16", lambda: native):
+            y = linear(x, w, b, act)
         ref = F.linear(x, w, b)
         ref = ref if act is None else act(ref)
     # float32 math on the bf16-rounded inputs (what both compute from): y is its one rounding to bf16
@@ -128,14 +138,17 @@ def test_bf16_autocast_inference_on_onednn(n, k, m, bias, act, seed):
     assert ((y.float() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * scale).all()  # bf16: unit roundoff 2^-8
 
 
-def test_bf16_autocast_inference_calls_onednn(monkeypatch):
+@pytest.mark.parametrize("native", _BF16_KERNELS)
+def test_bf16_autocast_inference_calls_onednn(monkeypatch, native):
     calls = []
     real = linear_mod._OP
-    monkeypatch.setattr(linear_mod, "_OP", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(linear_mod, "_OP", lambda *a: calls.append((a[0].dtype, a[1].dtype, a[3])) or real(*a))
+    monkeypatch.setattr(linear_mod, "cpu_onednn_bf16", lambda: native)
     lin = Linear(16, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert lin.act(torch.randn(3, 16), F.silu).dtype == torch.bfloat16
-    assert calls == ["swish"]
+    compute = torch.bfloat16 if native else torch.float32
+    assert calls == [(compute, compute, "swish")]
 
 
 def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
@@ -171,7 +184,9 @@ def test_flop_counter_counts_the_onednn_linear():
     assert fast.get_total_flops() == plain.get_total_flops() == 3 * 2 * 30 * 16 * 8
 
 
-def test_bf16_inference_keeps_each_parameters_cast_until_it_changes():
+@pytest.mark.parametrize("native", _BF16_KERNELS)
+def test_bf16_inference_keeps_each_parameters_cast_until_it_changes(monkeypatch, native):
+    monkeypatch.setattr(linear_mod, "cpu_onednn_bf16", lambda: native)
     lin = Linear(16, 8)
     x = torch.randn(5, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -179,7 +194,8 @@ def test_bf16_inference_keeps_each_parameters_cast_until_it_changes():
         cast = linear_mod._CASTS[lin.weight][1]
         y2 = lin(x)
         assert linear_mod._CASTS[lin.weight][1] is cast and torch.equal(y1, y2)  # cast once, reused
-        assert cast.dtype == torch.bfloat16 and torch.equal(cast, lin.weight.bfloat16())
+        assert cast.dtype == (torch.bfloat16 if native else torch.float32)  # emulated: the rounded float32 values
+        assert torch.equal(cast, lin.weight.bfloat16().to(cast.dtype))
         lin.weight.mul_(2)  # an in-place change (as an optimizer step): a new cast
         torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight, lin.bias).float(), atol=0.05, rtol=0.02)
         assert linear_mod._CASTS[lin.weight][1] is not cast

@@ -9,7 +9,10 @@ gradient; for the weight gradient ``mm`` was faster on 3 of the 5 shapes and wit
 
 Under CPU bf16 autocast ``F.linear`` already runs on oneDNN, but as a product plus separate activation passes over a
 bf16 output; in inference the oneDNN path applies SiLU/GELU inside the GEMM there too (the FFN's first Linear plus
-SiLU: 0.78x the autocast time).
+SiLU: 0.78x the autocast time). Where oneDNN has no bf16 kernels (AVX2-only CPUs, e.g. the project's AMD Zen 3 VM:
+:func:`~ebranchformer.nn.cpu_features.cpu_onednn_bf16`) it cannot build a bf16 product at all and torch's own bf16
+``mm`` runs below 2 GFLOP/s; there the same arithmetic (bf16-rounded operands, float32 accumulation, the activation
+on the accumulator, one rounding to bf16) runs as a float32 oneDNN product of the rounded operands.
 
 The plain path (``F.linear``) is kept next to it: it runs on other devices, for other dtypes, for autocast training,
 with ``onednn=False``, and when oneDNN is not built in.
@@ -26,6 +29,7 @@ from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .autocast import cpu_autocast_dtype
+from .cpu_features import cpu_onednn_bf16
 
 __all__ = ["Linear", "linear", "onednn_float32", "onednn_linear"]
 
@@ -84,33 +88,35 @@ def linear(
     if dtype is None:
         y = F.linear(x, weight, bias)
         return y if activation is None else activation(y)
+    # bf16 without oneDNN bf16 kernels: float32 products of the bf16-rounded operands, rounded to bf16 at the end
+    compute = torch.float32 if dtype == torch.bfloat16 and not cpu_onednn_bf16() else dtype
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()  # (N, K)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).to(compute).contiguous()  # (N, K)
     # oneDNN takes seconds on a column slice (merge's halves): copy the (M, K) weight
-    weight = _cast(weight, dtype, keep=not grads)
-    bias = None if bias is None else _cast(bias, dtype, keep=not grads)
+    weight = _cast(weight, dtype, compute, keep=not grads)
+    bias = None if bias is None else _cast(bias, dtype, compute, keep=not grads)
     if not grads and activation in _FUSED:
-        return onednn_linear(x2, weight, bias, _FUSED[activation]).view(*lead, -1)  # (..., M)
-    y = onednn_linear(x2, weight, bias, "none").view(*lead, -1)  # (..., M)
+        return onednn_linear(x2, weight, bias, _FUSED[activation]).view(*lead, -1).to(dtype)  # (..., M)
+    y = onednn_linear(x2, weight, bias, "none").view(*lead, -1).to(dtype)  # (..., M)
     return y if activation is None else activation(y)
 
 
 # Inference casts of parameters (bf16 under autocast), kept while the parameter's values stay the same: without
 # them every bf16 forward casts every weight again (the LibriSpeech-100 encoder: 25 M values per row group).
-_CASTS = WeakIdKeyDictionary()  # parameter -> (its version counter and storage, dtype, contiguous cast)
+_CASTS = WeakIdKeyDictionary()  # parameter -> ((version counter, storage, dtype, compute dtype), contiguous cast)
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype, keep: bool) -> torch.Tensor:
-    """``t`` as a contiguous ``dtype`` tensor. With ``keep`` (no gradients) the cast of an ``nn.Parameter`` of another
-    dtype is kept and reused until the parameter changes (an optimizer step or ``load_state_dict`` bumps its
-    version); other tensors are cast each call."""
-    if not keep or not isinstance(t, nn.Parameter) or t.dtype == dtype or t.is_inference():
-        return t.to(dtype).contiguous()  # (an inference-mode parameter has no version counter)
-    key = (t._version, t.data_ptr(), dtype)
+def _cast(t: torch.Tensor, dtype: torch.dtype, compute: torch.dtype, keep: bool) -> torch.Tensor:
+    """``t`` rounded to ``dtype``, as a contiguous ``compute`` tensor. With ``keep`` (no gradients) the cast of an
+    ``nn.Parameter`` of another dtype is kept and reused until the parameter changes (an optimizer step or
+    ``load_state_dict`` bumps its version); other tensors are cast each call."""
+    if not keep or not isinstance(t, nn.Parameter) or t.dtype == dtype == compute or t.is_inference():
+        return t.to(dtype).to(compute).contiguous()  # (an inference-mode parameter has no version counter)
+    key = (t._version, t.data_ptr(), dtype, compute)
     hit = _CASTS.get(t)
     if hit is not None and hit[0] == key:
         return hit[1]
-    cast = t.detach().to(dtype).contiguous()
+    cast = t.detach().to(dtype).to(compute).contiguous()
     _CASTS[t] = (key, cast)
     return cast
 
