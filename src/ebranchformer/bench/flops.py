@@ -170,24 +170,40 @@ def matmul_peak(device: str | torch.device, dtype: torch.dtype, *, n: int | None
     """Measured matmul throughput: median GFLOP/s of ``(n x n) @ (n x n)`` in ``dtype`` on ``device`` (with the
     current ``torch.get_num_threads()`` on CPU). Each timed sample loops until ``min_seconds`` passed.
 
-    Two kernels on a float32 CPU: ``torch.mm`` (MKL) and the oneDNN product our Linear layers use
-    (:mod:`ebranchformer.nn.linear`); the peak is the faster one's median (on the project's VM oneDNN's was higher).
+    The CPU kernels: ``torch.mm`` (MKL in float32) and the oneDNN product our Linear layers use
+    (:mod:`ebranchformer.nn.linear`): in float32 directly, in bf16 as they run under bf16 autocast inference (float32
+    inputs, bf16 output; on CPUs without oneDNN bf16 kernels the float32 product of the bf16-rounded operands). The
+    peak is the faster kernel's median. There ``torch.mm`` in bf16 is torch's reference kernel (about 1 GFLOP/s on
+    the project's AVX2 VM, a minute per 2048^3 product), so it is timed on an n/4 product.
 
     Default n: 2048 on CPU, 8192 on CUDA. Returns ``{"gflops", "n", "dtype", "samples", "kernels"}``, where
     ``kernels`` maps each kernel to its median and ``samples`` are the faster kernel's.
     """
-    from ..nn.linear import _onednn_dtype, onednn_linear
+    from ..nn.cpu_features import cpu_onednn_bf16
+    from ..nn.linear import _onednn_dtype, linear, onednn_linear
 
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    bm = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    kernels = {"mm": lambda: torch.mm(a, bm)}
+    a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, bm = a32.to(device=device, dtype=dtype), b32.to(device=device, dtype=dtype)
+    nm = n // 4 if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_onednn_bf16() else n
+    am, bmm = a[:nm, :nm].contiguous(), bm[:nm, :nm].contiguous()
+    kernels = {"mm": (lambda: torch.mm(am, bmm), nm)}
     if _onednn_dtype(a, bm, grads=False) is not None:
         bt = bm.t().contiguous()  # (N, K): a @ bt.T = a @ bm
-        kernels["onednn"] = lambda: onednn_linear(a, bt, None, "none")
-    runs = {name: _throughput(fn, 2 * n**3, device, repeats, min_seconds) for name, fn in kernels.items()}
+        kernels["onednn"] = (lambda: onednn_linear(a, bt, None, "none"), n)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        bt32 = b32.t().contiguous()  # (N, K)
+
+        def autocast_linear() -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return linear(a32, bt32)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if _onednn_dtype(a32, bt32, grads=False) == torch.bfloat16:
+                kernels["linear"] = (autocast_linear, n)
+    runs = {name: _throughput(fn, 2 * k**3, device, repeats, min_seconds) for name, (fn, k) in kernels.items()}
     best = max(runs, key=lambda k: statistics.median(runs[k]))
     return {"gflops": statistics.median(runs[best]), "n": n, "dtype": str(dtype).replace("torch.", ""),
             "samples": runs[best], "kernels": {k: statistics.median(v) for k, v in runs.items()}}  # fmt: skip
