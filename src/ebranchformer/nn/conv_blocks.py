@@ -22,6 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from .autocast import conv2d, cpu_bf16_emulated
 from .linear import linear
 
 __all__ = ["block_spans", "conv_len", "conv_stack_blocks", "conv_stack_train"]
@@ -59,7 +60,7 @@ def _block(x0, convs, weights, valids, spans, last: bool = True, rows: torch.Ten
         hs.append(h)
         if li == len(convs) - 1 and not last:
             return hs, None
-        h = _conv_relu(h, w, b, s) if taps else F.relu(F.conv2d(h, w, b, s))  # (B, C, frames', F'), channels-last
+        h = _conv_relu(h, w, b, s) if taps else F.relu(conv2d(h, w, b, s))  # (B, C, frames', F'), channels-last
     return hs, h
 
 
@@ -73,7 +74,7 @@ def _conv_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s: int) -> tor
     which moved a small batch's first-conv weight gradient by 1.8e-3 of its largest entry from ESPnet's."""
     c, _, k, _ = w.shape
     if h.shape[1] != 1:
-        return F.relu(F.conv2d(h, w, b, s))
+        return F.relu(conv2d(h, w, b, s))
     cols = _taps(h, k, s)  # (B, T', F', k, k)
     bt, t, f = cols.shape[:3]
     y = linear(cols.reshape(-1, k * k), w.view(c, k * k), b, F.relu)  # (B*T'*F', C)
@@ -193,14 +194,24 @@ class _ConvStack(torch.autograd.Function):
                 if li == 0 and w.shape[1] == 1:  # one input channel: no input gradient, and one product
                     gw, gb = _one_channel_param_grads(g, hs[0], w.shape[-1], s)
                 else:
-                    gin, gw, gb = _conv_backward(
-                        g, hs[li], w, [w.shape[0]], [s, s], [0, 0], [1, 1], False, [0, 0], 1, [li > 0, True, True]
-                    )
+                    gin, gw, gb = _conv_grads(g, hs[li], w, s, li > 0)
                 grads[2 * li] += gw
                 grads[2 * li + 1] += gb
                 if li > 0:  # through the mask and the ReLU that made this conv's input (both zero where hs is)
                     g = _relu_grad(gin, hs[li])
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+
+
+def _conv_grads(g, h, w, s: int, wants_input: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Input (if ``wants_input``), weight and bias gradients of the "valid" stride-s conv of h with w, given its output
+    gradient g. In bf16 on a CPU without oneDNN's bf16 kernels (:func:`~.autocast.cpu_bf16_emulated`) they are the
+    float32 gradients of the same bf16 values, the input gradient rounded to bf16 as the native kernel's is."""
+    emulated = cpu_bf16_emulated(g)
+    if emulated:
+        g, h, w = g.float(), h.float(), w.float()
+    gin, gw, gb = _conv_backward(g, h, w, [w.shape[0]], [s, s], [0, 0], [1, 1], False, [0, 0], 1,
+                                 [wants_input, True, True])  # fmt: skip
+    return (gin.to(torch.bfloat16) if emulated and gin is not None else gin), gw, gb
 
 
 def _one_channel_param_grads(g: torch.Tensor, x: torch.Tensor, k: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:

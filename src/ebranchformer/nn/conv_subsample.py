@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import register
 from .activations import get_activation
+from .autocast import conv2d
 from .frontend import Frontend
 from .masking import lengths_to_valid
 
@@ -236,7 +237,7 @@ class ConformerConvSubsample(Frontend):
                     pad = (lt, lf)  # symmetric: inside the conv, no padded copy
                 else:
                     h = F.pad(h, (lf, rf, lt, rt))  # (B, C, T + kt - 1, F + kf - 1)
-            h = F.conv2d(h, conv.weight, conv.bias, (st, sf), pad)  # (B, C_i, T_i, F_i), channels-last
+            h = conv2d(h, conv.weight, conv.bias, (st, sf), pad)  # (B, C_i, T_i, F_i), channels-last
             h = F.relu_(h) if self.activation is F.relu else self.activation(h)  # h is the conv's own output
             zeroed = not masked
             n = _conv_len(n, kt, st, self.padding)

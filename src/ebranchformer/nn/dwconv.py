@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .autocast import cpu_autocast_dtype
+from .autocast import cpu_autocast_dtype, cpu_bf16_emulated
 
 __all__ = ["depthwise_conv_time", "weight_grad_blocked"]
 
@@ -23,14 +23,17 @@ def depthwise_conv_time(
     c = weight.shape[0]
     cpu = x.device.type == "cpu"
     autocast = cpu_autocast_dtype() if cpu else None
-    if c < 32 and cpu and {torch.bfloat16, torch.float16} & {x.dtype, autocast}:
+    half = cpu and bool({torch.bfloat16, torch.float16} & {x.dtype, autocast})
+    if half and (c < 32 or cpu_bf16_emulated(x)):
         # oneDNN's half-precision depthwise conv never returns for 2-16 channels (torch 2.13.0: bf16 in the
-        # channels-last layout; fp16 in every layout on a CPU with AVX512-FP16, such as the project's Xeon VM):
-        # these small convs run in float32, and the result is cast to the half dtype that was asked for
+        # channels-last layout; fp16 in every layout on a CPU with AVX512-FP16, such as the project's Xeon VM), and
+        # a CPU without oneDNN's bf16 kernels has only torch's slow reference one: these convs run in float32 on
+        # the operands rounded to the half dtype that was asked for, and the result is rounded to it
         out_dtype = autocast or x.dtype
         with torch.autocast("cpu", enabled=False):
-            b = None if bias is None else bias.float()
-            return depthwise_conv_time(x.float(), weight.float(), b, left, right, fast).to(out_dtype)
+            xf, wf = x.to(out_dtype).float(), weight.to(out_dtype).float()
+            b = None if bias is None else bias.to(out_dtype).float()
+            return depthwise_conv_time(xf, wf, b, left, right, fast).to(out_dtype)
     if fast:
         pad = left if left == right else 0  # symmetric padding inside the conv (no padded copy)
         h = F.pad(x, (0, 0, left, right)) if (left or right) and not pad else x  # (B, T + k - 1 - 2 pad, C)
