@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .cpu_features import cpu_onednn_bf16
 
-__all__ = ["conv2d", "cpu_autocast_dtype", "cpu_bf16_emulated"]
+__all__ = ["conv2d", "cpu_autocast_dtype", "cpu_bf16_emulated", "rounded_float"]
 
 
 def cpu_autocast_dtype() -> torch.dtype | None:
@@ -42,6 +42,11 @@ def conv2d(
     if not cpu_bf16_emulated(x):
         return F.conv2d(x, weight, bias, stride, padding, 1, groups)
     with torch.autocast("cpu", enabled=False):
-        xf, wf = (t.to(torch.bfloat16).float() for t in (x, weight))
-        bf = None if bias is None else bias.to(torch.bfloat16).float()
+        xf, wf, bf = rounded_float(torch.bfloat16, x, weight, bias)
         return F.conv2d(xf, wf, bf, stride, padding, 1, groups).to(torch.bfloat16)
+
+
+def rounded_float(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor rounded to ``dtype`` and held in float32 (None stays None): the operands of a float32 kernel that
+    computes what a ``dtype`` kernel with float32 accumulation would."""
+    return tuple(None if t is None else t.to(dtype).float() for t in tensors)

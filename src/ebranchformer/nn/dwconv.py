@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .autocast import cpu_autocast_dtype, cpu_bf16_emulated
+from .autocast import cpu_autocast_dtype, cpu_bf16_emulated, rounded_float
 
 __all__ = ["depthwise_conv_time", "weight_grad_blocked"]
 
@@ -31,9 +31,8 @@ def depthwise_conv_time(
         # the operands rounded to the half dtype that was asked for, and the result is rounded to it
         out_dtype = autocast or x.dtype
         with torch.autocast("cpu", enabled=False):
-            xf, wf = x.to(out_dtype).float(), weight.to(out_dtype).float()
-            b = None if bias is None else bias.to(out_dtype).float()
-            return depthwise_conv_time(xf, wf, b, left, right, fast).to(out_dtype)
+            xf, wf, bf = rounded_float(out_dtype, x, weight, bias)
+            return depthwise_conv_time(xf, wf, bf, left, right, fast).to(out_dtype)
     if fast:
         pad = left if left == right else 0  # symmetric padding inside the conv (no padded copy)
         h = F.pad(x, (0, 0, left, right)) if (left or right) and not pad else x  # (B, T + k - 1 - 2 pad, C)
