@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .autocast import conv2d, cpu_bf16_emulated
+from .conv_phases import two_conv_param_grads
 from .linear import linear
 
 __all__ = ["block_spans", "conv_len", "conv_stack_blocks", "conv_stack_train"]
@@ -177,15 +178,19 @@ class _ConvStack(torch.autograd.Function):
         x0, y, *params = ctx.saved_tensors
         convs = ctx.convs
         weights = list(zip(params[0::2], params[1::2]))
-        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]  # summed over blocks
+        acc = torch.promote_types(params[0].dtype, torch.float32)  # bf16 parameters' sums in float32, float64 in float64
+        grads = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in params]  # summed over blocks
         for spans, live in zip(ctx.blocks, ctx.lives):
             lo, hi = spans[-1]
             gyb, yb = gy[:, lo:hi], y[:, lo:hi]  # (B, r, F', C)
             if live is not None:  # the other rows' frames are ReLU(last bias): their gradient reaches that bias only
-                grads[-1] += _relu_grad(gyb[~live], yb[~live]).sum((0, 1, 2), dtype=torch.float32)
+                grads[-1] += _relu_grad(gyb[~live], yb[~live]).sum((0, 1, 2), dtype=acc)
                 if not bool(live.any()):
                     continue
                 gyb, yb = gyb[live], yb[live]
+            if _phases_apply(convs, weights, y):  # the products over h's stride phases (.conv_phases)
+                _add_(grads, _phase_grads(x0, convs, weights, ctx.valids, spans, live, _relu_grad(gyb, yb)))
+                continue
             hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=live, taps=False)[0]  # the inner convs
             g = _relu_grad(gyb, yb).permute(0, 3, 1, 2)  # (b, C, r, F'), through the last ReLU
             g = g.contiguous(memory_format=torch.channels_last)
@@ -200,6 +205,31 @@ class _ConvStack(torch.autograd.Function):
                 if li > 0:  # through the mask and the ReLU that made this conv's input (both zero where hs is)
                     g = _relu_grad(gin, hs[li])
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+
+
+def _phases_apply(convs: Convs, weights, y: torch.Tensor) -> bool:
+    """Whether a block's backward runs as :func:`~.conv_phases.two_conv_param_grads`: two convs, the first with one
+    input channel, in float32 (bf16 autocast training keeps oneDNN's backward)."""
+    return len(convs) == 2 and weights[0][0].shape[1] == 1 and y.dtype == torch.float32
+
+
+def _phase_grads(x0, convs: Convs, weights, valids, spans, rows, g) -> list[torch.Tensor]:
+    """[gw0, gb0, gw1, gb1] of one block by :func:`~.conv_phases.two_conv_param_grads`; g (b, r, F', C) the block's
+    output gradient through the last ReLU, ``rows`` the live rows (None: all)."""
+    (lo0, hi0), (lo1, hi1) = spans[0], spans[1]
+    x = x0[:, :, lo0:hi0] if rows is None else x0[rows, :, lo0:hi0]  # (b, 1, frames, F)
+    valid1 = None
+    if valids is not None:
+        v0, v1 = (v if rows is None else v[rows] for v in valids[:2])
+        x = x * v0[:, :, lo0:hi0].to(x.dtype)
+        valid1 = v1[:, 0, lo1:hi1, 0]  # (b, T1)
+    (w0, b0), (w1, _) = weights
+    return list(two_conv_param_grads(x, g, w0, b0, w1, convs[0][1], convs[1][1], valid1))
+
+
+def _add_(totals: list[torch.Tensor], parts: list[torch.Tensor]) -> None:
+    for total, part in zip(totals, parts):
+        total += part
 
 
 def _conv_grads(g, h, w, s: int, wants_input: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
