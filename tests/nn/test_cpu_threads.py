@@ -159,3 +159,127 @@ def test_counted_profiled_or_traced_calls_are_not_split():
         assert flops[True] == flops[False] > 0
         with mock.patch.object(torch._C, "_get_tracing_state", lambda: object()):
             assert cpu_threads.plan_groups(4) == []
+
+
+# Training on row groups (run_train_groups, ConformerEncoder.split_rows_train)
+
+
+def _train_grads(enc, x, n, split: bool, seed: int = 1, collect: bool = False):
+    """Output, collected layer outputs and every parameter's gradient of one training step."""
+    enc.split_rows_train = split
+    enc.zero_grad()
+    torch.manual_seed(seed)
+    collected = {} if collect else None
+    y, _ = enc(x, n, collected_outputs=collected)
+    loss = y.square().sum() + (sum(v.sum() for v in collected.values()) if collect else 0)
+    loss.backward()
+    return y.detach(), collected, {k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def intel(monkeypatch):
+    """The training split's vendor gate open on any CPU, and the calls of run_train_groups recorded."""
+    monkeypatch.setattr(encoder_module, "cpu_vendor", lambda: "GenuineIntel")
+    calls = []
+    real = encoder_module.run_train_groups
+    monkeypatch.setattr(encoder_module, "run_train_groups", lambda *a: calls.append(len(a[1])) or real(*a))
+    return calls
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(20, 70), min_size=2, max_size=5),
+    padding=st.sampled_from(["masked", "espnet_legacy"]),
+    threads=st.sampled_from([2, 3]),
+)
+def test_training_on_row_groups_equals_one_pass(intel, lengths, padding, threads):
+    # no dropout: the same function; float64, so the gradients (summed over the groups) agree to rounding
+    intel.clear()
+    torch.manual_seed(0)
+    enc = perturb_(small_encoder(build_dict(Conv2dSubsampling, kind="conv2d"), padding=padding, dropout=0.0,
+                                 att_dropout=0.0, input_dropout=0.0)).double().train()  # fmt: skip
+    n = torch.tensor(lengths)
+    x = torch.randn(len(lengths), max(lengths) + 2, 24, dtype=torch.float64)
+    with torch_threads(threads):
+        y1, c1, g1 = _train_grads(enc, x, n, split=True, collect=True)
+        assert intel == [min(len(lengths), threads)]
+        y0, c0, g0 = _train_grads(enc, x, n, split=False, collect=True)
+    assert intel == [min(len(lengths), threads)]
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=0)
+    assert sorted(c1) == sorted(c0) == ["0", "1"]
+    for key in c0:
+        torch.testing.assert_close(c1[key], c0[key], atol=1e-12, rtol=0)
+    assert sorted(g1) == sorted(g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-10, rtol=1e-10)
+
+
+def test_training_on_row_groups_draws_reproducible_masks_of_its_own_per_group(intel):
+    torch.manual_seed(0)
+    enc = perturb_(small_encoder(build_dict(Conv2dSubsampling, kind="conv2d"))).train()
+    x = torch.randn(1, 50, 24).expand(2, -1, -1).contiguous()  # two equal rows, one group each
+    n = torch.tensor([50, 50])
+    with torch_threads(2):
+        (ya, _, ga), (yb, _, gb) = _train_grads(enc, x, n, True), _train_grads(enc, x, n, True)
+        yc, _, _ = _train_grads(enc, x, n, True, seed=2)
+    assert intel == [2, 2, 2]
+    assert torch.equal(ya, yb) and all(torch.equal(ga[k], gb[k]) for k in ga)  # torch.manual_seed fixes them
+    assert not torch.equal(ya, yc)
+    assert not torch.allclose(ya[0], ya[1])  # the groups' masks are not the same draws
+
+
+class _Elsewhere(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_training_is_split_only_where_rows_stay_independent(intel, monkeypatch):
+    from ebranchformer import ConformerLayer
+
+    torch.manual_seed(0)
+    x, n = torch.randn(2, 40, 24), torch.tensor([40, 31])
+
+    def step(enc, x=x):
+        enc.train().zero_grad()
+        enc(x, n)[0].sum().backward()
+
+    with torch_threads(2):
+        step(small_encoder(build_dict(Conv2dSubsampling, kind="conv2d")))
+        assert intel == [2]
+        step(small_encoder(build_dict(Conv2dSubsampling), encoder_layer=build_dict(ConformerLayer, ff_dim=48)))
+        step(small_encoder(build_dict(Conv2dSubsampling), layer_drop=0.5))
+        step(small_encoder(build_dict(Conv2dSubsampling), dropout_broadcast=True))
+        enc = small_encoder(build_dict(Conv2dSubsampling))
+        enc.gradient_checkpointing = True
+        step(enc)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            step(small_encoder(build_dict(Conv2dSubsampling)))
+        step(small_encoder(build_dict(Conv2dSubsampling)), x.clone().requires_grad_())
+        enc = small_encoder(build_dict(Conv2dSubsampling))
+        enc.layers[0].ffn1.add_module("extra", _Elsewhere())  # a module from outside torch.nn and the package
+        step(enc)
+        enc = small_encoder(build_dict(Conv2dSubsampling))
+        enc.split_rows_train = False
+        step(enc)
+        monkeypatch.setattr(encoder_module, "cpu_vendor", lambda: "AuthenticAMD")
+        step(small_encoder(build_dict(Conv2dSubsampling)))
+    assert intel == [2]
+
+
+def test_run_train_groups_gives_summed_parameter_gradients_once():
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)]
+    with torch_threads(2):
+        parts = cpu_threads.run_train_groups(lambda a: (a @ w, torch.tensor(len(a))), [(a,) for a in xs], [1, 1], [w])
+        assert [p[1].item() for p in parts] == [2, 5] and not parts[0][1].requires_grad
+        loss = sum((p[0] ** 2).sum() for p in parts)
+        (gw,) = torch.autograd.grad(loss, [w], retain_graph=True)
+        torch.testing.assert_close(gw, sum(2 * a.t() @ (a @ w) for a in xs).detach(), atol=1e-12, rtol=0)
+        with pytest.raises(RuntimeError, match="supports one backward"):
+            loss.backward()  # the groups' graphs went with the first backward
+        with pytest.raises(RuntimeError, match="gradients must be enabled"), torch.no_grad():
+            cpu_threads.run_train_groups(lambda a: a @ w, [(xs[0],)], [1], [w])
+        with pytest.raises(ValueError, match="one entry per group"):
+            cpu_threads.run_train_groups(lambda a: a @ w, [(xs[0],), (xs[1],)], [1], [w])
+        with pytest.raises(TypeError, match="must return tensors"):
+            cpu_threads.run_train_groups(lambda a: (a @ w, 3), [(xs[0],)], [1], [w])
