@@ -114,7 +114,6 @@ def test_bf16_encoder_without_onednn_bf16_runs_float32_convs_with_bf16_values(mo
     rounding (the bound of ``test_bf16_autocast_within_documented_bound``)."""
     torch.manual_seed(0)
     enc = perturb_(small_encoder(_FRONTENDS[frontend]())).train(train)
-    enc.split_rows_train = False  # the second run's dispatch mode turns the row split off, and with it its masks
     x, n = torch.randn(3, 70, 24), torch.tensor([70, 50, 33])
 
     def run():

@@ -195,7 +195,6 @@ def _train_step(enc, x, n, *, ckpt: bool, recompute: bool):
 @pytest.mark.parametrize("ckpt, recompute", [(False, True), (True, False), (True, True)])
 def test_checkpointing_and_attention_recompute_give_equal_gradients(conv_encoder, ckpt, recompute):
     enc = conv_encoder.double().train()
-    enc.split_rows_train = False  # checkpointing turns the row split off: so does the reference, for the same masks
     x, n = torch.randn(2, 40, 24, dtype=torch.float64), torch.tensor([40, 27])
     y0, g0 = _train_step(enc, x, n, ckpt=False, recompute=False)
     y1, g1 = _train_step(enc, x, n, ckpt=ckpt, recompute=recompute)

@@ -78,12 +78,10 @@ def test_split_merge_equals_concat_merge(dtype, tol):
 
 
 def _fast_and_plain_step(enc, x, n, seed=None):
-    """Output and all gradients of ``enc`` on the fast and on the plain path (``seed``: the same dropout masks; the
-    training row split, whose groups draw from generators of their own, is off then: test_cpu_threads checks it)."""
+    """Output and all gradients of ``enc`` on the fast and on the plain path (``seed``: the same dropout masks)."""
     outs, grads = [], []
     for fast in (True, False):
         enc.set_fast_path(fast).zero_grad()
-        enc.split_rows_train = fast and seed is None
         if seed is not None:
             torch.manual_seed(seed)
         y, _ = enc(x, n)

@@ -1,4 +1,4 @@
-"""CPU inference and training on groups of batch rows, one group per thread.
+"""CPU inference on groups of batch rows, one group per thread.
 
 With N intra-op threads, a forward over the whole batch runs each op on N threads. Many of the encoder's ops
 get less than N times one thread's speed that way: on the project's 2-core CPU, half the LibriSpeech-100 batch
@@ -6,17 +6,8 @@ get less than N times one thread's speed that way: on the project's 2-core CPU, 
 the whole batch on two threads took 1.12, 0.61 and 0.29 s (each op timed on its own, one forward). Split into N
 groups of rows, each run by its own thread with its share of the intra-op threads, the forward took 0.87x the
 time in fp32 and 0.86x under bf16 autocast (in one process, alternating with the one-pass forward, 8 rounds;
-BENCHMARKS.md).
-
-Training (:func:`run_train_groups`): each group's forward builds its own graph on its worker thread, and one
-autograd node joins them; its backward runs each group's backward on a worker thread again and returns the
-parameters' gradients summed over the groups. On the project's 2-core AMD VM one thread on half the
-LibriSpeech-100 batch took as long as two threads on the whole batch (8.19 vs 8.07 s a step), and a split step
-measured 1.10x; on its 2-core Intel Xeon VM the half batch on one thread took 6.31 s against 7.13 s for the whole
-batch on two, and the split step is faster (BENCHMARKS.md), so the encoder splits training on Intel CPUs only.
-Dropout stays reproducible: each group draws from its own generator (:func:`worker_generator`), seeded from
-torch's default generator on the calling thread, so ``torch.manual_seed`` fixes every mask for a given number of
-groups.
+BENCHMARKS.md). Training is not split: there one thread on half the batch took as long as two threads on the
+whole batch (8.19 vs 8.07 s a step), and a split training step measured 1.10x.
 
 The intra-op thread count of a worker thread is set for that thread alone: OpenMP's ``omp_set_num_threads``
 acts on the calling thread's own setting, and MKL's ``MKL_Set_Num_Threads_Local`` likewise, so the caller's and
@@ -38,12 +29,12 @@ import torch
 
 from .autocast import cpu_autocast_dtype
 
-__all__ = ["available", "plan_groups", "run_groups", "run_train_groups", "worker_generator"]
+__all__ = ["available", "plan_groups", "run_groups"]
 
 # At most this many groups: each group's Python-level dispatch holds the GIL, so many small groups would queue on
 # it. Measured with 2 groups only (2 cores); 4 is a bound chosen without a measurement on a larger machine.
 MAX_GROUPS = 4
-_state = threading.local()  # .worker: True on this module's worker threads (no nested splitting); .generator
+_state = threading.local()  # .worker: True on this module's worker threads (no nested splitting)
 _lock = threading.Lock()
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child builds its own
 _runtime: tuple[Any, Any] | None | bool = False  # False: not looked up yet; None: unavailable
@@ -115,28 +106,17 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool[2]
 
 
-def worker_generator() -> torch.Generator | None:
-    """The random generator of the calling thread's row group in a split training forward, or None (then torch's
-    default generator): random draws in the encoder (dropout masks) take it, so that they do not depend on the
-    order in which the groups' threads reach the default generator."""
-    return getattr(_state, "generator", None)
-
-
-def _set_threads(threads: int) -> None:
+def _in_worker(
+    fn: Callable[..., Any], threads: int, inference: bool, autocast: torch.dtype | None, args: Sequence[Any]
+) -> Any:
+    """Run ``fn(*args)`` on a worker thread with ``threads`` intra-op threads, the caller's no-grad or inference
+    mode and its CPU autocast dtype (all thread-local: the worker does not inherit them)."""
     omp, mkl = _runtime  # type: ignore[misc]
     torch.get_num_threads()  # torch sets a new thread's count on first use: let it, then set ours
     omp(threads)
     if mkl is not None:
         mkl(threads)
     _state.worker = True
-
-
-def _in_worker(
-    fn: Callable[..., Any], threads: int, inference: bool, autocast: torch.dtype | None, args: Sequence[Any]
-) -> Any:
-    """Run ``fn(*args)`` on a worker thread with ``threads`` intra-op threads, the caller's no-grad or inference
-    mode and its CPU autocast dtype (all thread-local: the worker does not inherit them)."""
-    _set_threads(threads)
     mode = torch.inference_mode() if inference else torch.no_grad()
     with mode, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         return fn(*args)
@@ -161,112 +141,3 @@ def run_groups(fn: Callable[..., Any], groups: Sequence[Sequence[Any]], threads:
     inference = torch.is_inference_mode_enabled()
     futures = [pool.submit(_in_worker, fn, n, inference, autocast, g) for g, n in zip(groups, threads)]
     return [f.result() for f in futures]
-
-
-def _train_forward(fn: Callable[..., Any], threads: int, autocast: torch.dtype | None, seed: int, args) -> tuple:
-    """``fn(*args)`` with gradients on a worker thread (its own graph), the caller's CPU autocast dtype and the
-    group's generator; its outputs as a tuple of tensors."""
-    _set_threads(threads)
-    _state.generator = torch.Generator().manual_seed(seed)
-    try:
-        with torch.enable_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            out = fn(*args)
-    finally:
-        _state.generator = None
-    out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    if not all(isinstance(o, torch.Tensor) for o in out):
-        raise TypeError(f"run_train_groups: fn must return tensors, got {[type(o).__name__ for o in out]}")
-    return out
-
-
-def _train_backward(threads: int, outs, grads, params) -> tuple[torch.Tensor | None, ...]:
-    _set_threads(threads)
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-    if not pairs:
-        return (None,) * len(params)
-    return torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
-
-
-class _TrainGroups(torch.autograd.Function):
-    """One node for the groups' graphs: inputs the parameters, outputs every group's outputs (detached)."""
-
-    @staticmethod
-    def forward(ctx, run, threads, *params):
-        outs = run()  # [(tensor, ...)] per group, each with its own graph on the parameters
-        ctx.set_materialize_grads(False)
-        ctx.outs, ctx.threads, ctx.params = outs, threads, params
-        flat = [o.detach() for group in outs for o in group]
-        ctx.mark_non_differentiable(*[o for o in flat if not (o.is_floating_point() or o.is_complex())])
-        return tuple(flat)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        if ctx.outs is None:
-            raise RuntimeError(
-                "a split training forward (cpu_threads.run_train_groups) supports one backward: its groups' graphs "
-                "are freed by it (retain_graph=True is not supported there; turn the split off, e.g. "
-                "ConformerEncoder.split_rows_train = False)"
-            )
-        outs, params, threads = ctx.outs, ctx.params, ctx.threads
-        ctx.outs = None  # the groups' graphs go with this backward
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:]) if need]
-        per_group, i = [], 0
-        for group in outs:
-            per_group.append(grads[i : i + len(group)])
-            i += len(group)
-        pool = _executor(len(outs))
-        futures = [pool.submit(_train_backward, n, o, g, wanted) for o, g, n in zip(outs, per_group, threads)]
-        results = [f.result() for f in futures]
-        summed = iter([_sum([r[j] for r in results]) for j in range(len(wanted))])
-        return (None, None, *(next(summed) if need else None for need in ctx.needs_input_grad[2:]))
-
-
-def _sum(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-    got = [g for g in grads if g is not None]
-    if not got:
-        return None
-    total = got[0]
-    for g in got[1:]:
-        total = total + g
-    return total
-
-
-def run_train_groups(
-    fn: Callable[..., Any], groups: Sequence[Sequence[Any]], threads: Sequence[int], params: Sequence[torch.Tensor]
-) -> list[tuple[torch.Tensor, ...]]:
-    """Training counterpart of :func:`run_groups`: ``[fn(*g) for g in groups]`` with gradients, each call on its own
-    worker thread with ``threads[i]`` intra-op threads, the caller's CPU autocast and a generator of its own
-    (:func:`worker_generator`, seeded from torch's default generator here). ``fn`` returns a tensor or a tuple of
-    tensors; the returned tuples are tied to ``params`` (the tensors the groups' gradients are wanted for, e.g.
-    the module's parameters) by one autograd node. Its backward runs each group's backward on a worker thread
-    and gives each parameter the sum of the groups' gradients, accumulated as autograd accumulates any other (so
-    ``.backward()``, ``torch.autograd.grad`` and DDP's hooks see one gradient per parameter). Gradients reach
-    ``params`` only, not the tensors in ``groups``; one backward only (no ``retain_graph``), no double backward.
-
-    Called on a worker thread, it runs the groups there, one after another, as ordinary autograd."""
-    if not torch.is_grad_enabled():
-        raise RuntimeError("run_train_groups is for training: gradients must be enabled (see run_groups)")
-    if len(groups) != len(threads):
-        raise ValueError(f"threads must have one entry per group ({len(groups)}), got {len(threads)}")
-    if not available():
-        raise RuntimeError("per-thread intra-op thread counts are not available here (see cpu_threads.available)")
-    if getattr(_state, "worker", False):  # on a worker already: ordinary autograd, one group after another
-        outs = [fn(*g) for g in groups]
-        return [tuple(o) if isinstance(o, (tuple, list)) else (o,) for o in outs]
-    autocast = cpu_autocast_dtype()
-    seeds = torch.randint(0, 1 << 62, (len(groups),)).tolist()  # the default generator, on the calling thread
-
-    sizes: list[int] = []  # outputs per group
-
-    def run() -> list[tuple[torch.Tensor, ...]]:
-        pool = _executor(len(groups))
-        futures = [pool.submit(_train_forward, fn, n, autocast, s, g) for g, n, s in zip(groups, threads, seeds)]
-        outs = [f.result() for f in futures]
-        sizes.extend(len(o) for o in outs)
-        return outs
-
-    flat = _TrainGroups.apply(run, list(threads), *params)
-    flat = (flat,) if isinstance(flat, torch.Tensor) else flat
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [tuple(flat[a : a + n]) for a, n in zip(starts, sizes)]

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu_threads import worker_generator
-
 __all__ = ["Dropout", "dropout_bool_mask", "keep_mask", "keep_scale"]
 
 _LEVELS = 1 << 16  # the drop probability is a multiple of 2^-16
@@ -23,8 +21,7 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> t
     entry, was 9% of a LibriSpeech-100 training step; ``bernoulli_`` is 1.5-2x slower still). On the CPU the 64-bit
     values come from numpy's SFC64 generator seeded with one draw from torch's default generator, so
     ``torch.manual_seed`` still fixes every mask: torch's CPU generator (a Mersenne Twister) took 2.2x as long for
-    the same bits (4.0 vs 1.8 ms for 2^20 values, 2 threads). Other devices draw from torch's generator there. In a
-    split training forward the seed comes from the row group's generator (:func:`~.cpu_threads.worker_generator`).
+    the same bits (4.0 vs 1.8 ms for 2^20 values, 2 threads). Other devices draw from torch's generator there.
     :func:`keep_scale` gives the matching 1 / P(keep).
     """
     n = math.prod(shape)
@@ -32,8 +29,7 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> t
         return torch.ones(shape, dtype=torch.bool, device=device)
     m = (n + 3) // 4  # 64-bit values drawn
     if torch.device(device).type == "cpu":
-        seed = torch.randint(0, 1 << 62, (1,), generator=worker_generator())  # the default generator or the group's
-        bits = sfc64_bits(seed, m)  # (m,)
+        bits = sfc64_bits(torch.randint(0, 1 << 62, (1,)), m)  # (m,), seeded from torch's default CPU generator
     else:  # randint's exclusive upper bound leaves out one of 2^64 values (2^-64 of bias)
         bits = torch.randint(-(1 << 63), (1 << 63) - 1, (m,), dtype=torch.int64, device=device)
     u16 = bits.view(torch.int16)[:n]  # (n,) uniform over [-2^15, 2^15)
@@ -93,8 +89,7 @@ class Dropout(nn.Module):
             return x
         if not self.broadcast:
             return dropout_bool_mask(x, self.p)
-        gen = worker_generator() if x.is_cpu else None  # a split training forward's row group (CPU only)
-        keep = torch.empty(x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p, generator=gen)  # (D,)
+        keep = torch.empty(x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p)  # (D,)
         return x * (keep / (1.0 - self.p))
 
     def extra_repr(self) -> str:

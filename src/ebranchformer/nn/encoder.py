@@ -14,8 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigBase, build_module, check_spec, register, resolve_class
 from .conformer_layer import ConformerLayer
-from .cpu_features import cpu_vendor
-from .cpu_threads import plan_groups, run_groups, run_train_groups
+from .cpu_threads import plan_groups, run_groups
 from .dropout import Dropout
 from .frontend import PADDING_MODES
 from .init import INIT_SCHEMES, init_parameters
@@ -141,9 +140,6 @@ class ConformerEncoder(nn.Module):
         # CPU inference (eval mode, no gradients) on groups of batch rows, one thread each with its share of the
         # intra-op threads (nn.cpu_threads): same values per row, 0.87x the time on 2 threads at ls100 size
         self.split_rows = True
-        # CPU training likewise, on Intel CPUs (faster there, slower on the project's AMD VM; nn.cpu_threads): each
-        # group's forward and backward on its own thread, the parameters' gradients summed over the groups
-        self.split_rows_train = True
         init_parameters(self, cfg.init)
 
     @property
@@ -213,21 +209,20 @@ class ConformerEncoder(nn.Module):
 
     def set_fast_path(self, enabled: bool) -> ConformerEncoder:
         """Switch every fused/fast computation (attention via SDPA, strided rel-shift, split merge, oneDNN Linear
-        layers and attention products, CPU inference and training on row groups in threads) on or off; off is the
-        plain reference path."""
-        switch_flags(self, ("fast", "onednn", "split_rows", "split_rows_train"), enabled)
+        layers and attention products, CPU inference on row groups in threads) on or off; off is the plain reference
+        path."""
+        switch_flags(self, ("fast", "onednn", "split_rows"), enabled)
         return self
 
     def set_cpu_blocks(self, enabled: bool) -> ConformerEncoder:
         """Switch the CPU-only paths on or off: the conv2d frontend and the attention in blocks, and the RETURNN
         frontend's in-place tail masks (``chunked``), the oneDNN Linear layers and attention products (``onednn``,
-        :mod:`~ebranchformer.nn.linear`, :func:`~ebranchformer.nn.blocked_attention.attend_pairs`) and inference and
-        training on groups of batch rows in threads (``split_rows``, ``split_rows_train``,
-        :mod:`~ebranchformer.nn.cpu_threads`). The block loops
+        :mod:`~ebranchformer.nn.linear`, :func:`~ebranchformer.nn.blocked_attention.attend_pairs`) and inference on
+        groups of batch rows in threads (``split_rows``, :mod:`~ebranchformer.nn.cpu_threads`). The block loops
         depend on T', so turn them off for one graph for every length (``torch.export``,
         ``torch.compile(dynamic=True)``); the oneDNN Linear is a custom op of this package, which ONNX does not
         know."""
-        switch_flags(self, ("chunked", "onednn", "split_rows", "split_rows_train"), enabled)
+        switch_flags(self, ("chunked", "onednn", "split_rows"), enabled)
         return self
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -252,44 +247,11 @@ class ConformerEncoder(nn.Module):
         threads = plan_groups(x.shape[0]) if self._splits(x) else []
         if threads:
             return self._forward_groups(x, lengths, ctc, collected_outputs, threads)
-        threads = plan_groups(x.shape[0]) if ctc is None and self._splits_train(x) else []
-        if threads:
-            return self._forward_train_groups(x, lengths, collected_outputs, threads)
         return self._forward_rows(x, lengths, ctc, collected_outputs)
 
     def _splits(self, x: torch.Tensor) -> bool:
         """Whether this call may run on groups of rows in threads: CPU inference (eval mode, no gradients)."""
         return self.split_rows and x.is_cpu and not self.training and not torch.is_grad_enabled()
-
-    def _splits_train(self, x: torch.Tensor) -> bool:
-        """Whether this training call may run on groups of rows in threads (each row's values then stay those of one
-        pass): on an Intel CPU, gradients wanted for parameters only (not for ``x``), and nothing that ties rows
-        together or that the worker threads would not see:
-
-        - no layer drop and no broadcast dropout (their draws are one per batch), no module that mixes rows
-          (:meth:`_rows_independent`: a training BatchNorm, or a module from outside torch.nn and this package);
-        - no gradient checkpointing (its recompute restores torch's generator, not a row group's) and no
-          ``saved_tensors_hooks`` on the caller (thread-local: the workers' tensors would bypass them);
-        - not while torch.compile traces (and, by :func:`~.cpu_threads.plan_groups`, no dispatch or function
-          mode, profiler or ``torch.jit.trace``).
-        """
-        cfg = self.config
-        return (
-            self.split_rows_train and x.is_cpu and self.training and torch.is_grad_enabled() and not x.requires_grad
-            and cfg.layer_drop == 0 and not cfg.dropout_broadcast and not self.gradient_checkpointing
-            and cpu_vendor() == "GenuineIntel" and not torch.compiler.is_compiling()
-            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None and self._rows_independent()
-        )  # fmt: skip
-
-    def _rows_independent(self) -> bool:
-        """Whether every submodule computes each batch row on its own: all from torch.nn or this package, and no
-        BatchNorm in training mode (its statistics are over the batch)."""
-        for m in self.modules():
-            if not type(m).__module__.startswith(("ebranchformer.", "torch.nn.")):
-                return False
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-                return False
-        return True
 
     def _forward_groups(
         self,
@@ -310,30 +272,6 @@ class ConformerEncoder(nn.Module):
             for key in collect[0]:
                 collected_outputs[key] = torch.cat([c[key] for c in collect])  # (B, T', D)
         return torch.cat([y for y, _ in parts]), torch.cat([n for _, n in parts])  # (B, T', D), (B,)
-
-    def _forward_train_groups(
-        self,
-        x: torch.Tensor,
-        lengths: torch.Tensor,
-        collected_outputs: dict[str, torch.Tensor] | None,
-        threads: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training on groups of consecutive rows (:func:`~.cpu_threads.run_train_groups`), the whole T each as in
-        :meth:`_forward_groups`; the collected layer outputs come back with gradients too (interCTC losses)."""
-        b, g = x.shape[0], len(threads)
-        sizes = [b // g + (i < b % g) for i in range(g)]
-
-        def rows(xg: torch.Tensor, ng: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            collect: dict[str, torch.Tensor] | None = None if collected_outputs is None else {}
-            y, n = self._forward_rows(xg, ng, None, collect)
-            return (y, n, *([] if collect is None else collect.values()))
-
-        params = [p for p in self.parameters() if p.requires_grad]
-        parts = run_train_groups(rows, list(zip(x.split(sizes), lengths.split(sizes))), threads, params)
-        if collected_outputs is not None:  # _forward_rows collects every layer (no layer drop here), in order
-            for i in range(len(self.layers)):
-                collected_outputs[str(i)] = torch.cat([p[2 + i] for p in parts])  # (B, T', D)
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (B, T', D), (B,)
 
     def _forward_rows(
         self,

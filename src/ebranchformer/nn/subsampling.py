@@ -11,7 +11,6 @@ from torch import nn
 from ..config import register
 from .autocast import cpu_autocast_dtype
 from .conv_blocks import conv_len, conv_stack_blocks, conv_stack_train
-from .dropout import Dropout
 from .frontend import Frontend
 from .linear import Linear, linear
 from .masking import lengths_to_valid
@@ -175,7 +174,7 @@ class LinearInput(Frontend):
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
         self.linear = Linear(self.in_dim, self.out_dim)
         self.norm = LayerNorm(self.out_dim, eps=norm_eps)
-        self.dropout = Dropout(dropout)  # ours: its masks follow a split training forward's generators
+        self.dropout = nn.Dropout(dropout)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return lengths
