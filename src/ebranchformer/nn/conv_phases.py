@@ -40,9 +40,9 @@ def two_conv_param_grads(
     """Gradients (gw0, gb0, gw1, gb1) of ``y = conv1(mask1 * relu(conv0(x)))`` ("valid" convs, strides s0, s1) for
     its output gradient ``g`` (B, r, F', C1) taken through the last ReLU already.
 
-    x: (B, 1, T0, F0) float32, the first conv's (masked) input; w0 (C, 1, k0, k0), b0 (C,); w1 (C1, C, k, k);
-    valid1: (B, T1) bool, the second conv's valid input frames (None: all). Returns float32 gradients shaped like
-    w0, b0, w1 and (C1,).
+    x: (B, 1, T0, F0), the first conv's (masked) input (float32 in the frontend; any float dtype works);
+    w0 (C, 1, k0, k0), b0 (C,); w1 (C1, C, k, k); valid1: (B, T1) bool, the second conv's valid input frames (None:
+    all). Returns gradients in x's dtype, shaped like w0, b0, w1 and (C1,).
     """
     b, r, f_out, c1 = g.shape
     c, k0, k = w0.shape[0], w0.shape[-1], w1.shape[-1]
