@@ -180,6 +180,7 @@ class _ConvStack(torch.autograd.Function):
         weights = list(zip(params[0::2], params[1::2]))
         acc = torch.promote_types(params[0].dtype, torch.float32)  # bf16 parameters' sums in float32, float64 in float64
         grads = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in params]  # summed over blocks
+        phases = _phases_apply(convs, weights, y)  # the products over h's stride phases (.conv_phases)
         for spans, live in zip(ctx.blocks, ctx.lives):
             lo, hi = spans[-1]
             gyb, yb = gy[:, lo:hi], y[:, lo:hi]  # (B, r, F', C)
@@ -188,7 +189,7 @@ class _ConvStack(torch.autograd.Function):
                 if not bool(live.any()):
                     continue
                 gyb, yb = gyb[live], yb[live]
-            if _phases_apply(convs, weights, y):  # the products over h's stride phases (.conv_phases)
+            if phases:
                 _add_(grads, _phase_grads(x0, convs, weights, ctx.valids, spans, live, _relu_grad(gyb, yb)))
                 continue
             hs = _block(x0, convs, weights, ctx.valids, spans, last=False, rows=live, taps=False)[0]  # the inner convs

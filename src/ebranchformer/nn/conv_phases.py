@@ -52,14 +52,22 @@ def two_conv_param_grads(
     grid, n = tp * b * fq, r * b * fq  # rows of a phase; rows of the output grid (its t < r)
     tail = (k - 1) // s1  # the largest frequency shift reaches this far past a phase's grid
     hp = h.new_zeros(s1 * s1, grid + tail, c)  # (s1*s1, rows, C): h's phases, zero off the grid's data
-    h_btfc = h.permute(0, 2, 3, 1)  # (B, T1, F1, C), the channels-last memory
+    taps = x.new_zeros(s1 * s1, grid + tail, k0 * k0)  # the first conv's taps of every h position, on the grid
+    h_btfc, xs = h.permute(0, 2, 3, 1), x[:, 0]  # (B, T1, F1, C), the channels-last memory; (B, T0, F0)
     rows_t, cols_f = _phase_counts(t1, s1), _phase_counts(f1, s1)
     for a in range(s1):
         for bb in range(s1):
-            dst = hp[a * s1 + bb, :grid].view(tp, b, fq, c)[: rows_t[a], :, : cols_f[bb]]  # (Tq, B, Fq, C)
+            tq, fqq = rows_t[a], cols_f[bb]
+            if tq == 0 or fqq == 0:  # an empty phase (h has fewer than s1 frames or frequencies)
+                continue
+            on_grid = (slice(None, tq), slice(None), slice(None, fqq))  # its (Tq, B, Fq) positions on the grid
+            dst = hp[a * s1 + bb, :grid].view(tp, b, fq, c)[on_grid]  # (Tq, B, Fq, C)
             dst.copy_(h_btfc[:, a::s1, bb::s1].permute(1, 0, 2, 3))
             if valid1 is not None:
                 dst.mul_(valid1[:, a::s1].t()[:, :, None, None].to(dst.dtype))  # mask the second conv's input
+            win = xs[:, s0 * a :, s0 * bb :].unfold(1, k0, s0 * s1).unfold(2, k0, s0 * s1)[:, :tq, :fqq]
+            dst = taps[a * s1 + bb, :grid].view(tp, b, fq, k0 * k0)[on_grid]  # (Tq, B, Fq, k0*k0)
+            dst.copy_(win.reshape(b, tq, fqq, k0 * k0).permute(1, 0, 2, 3))
     gg = g.new_zeros(r, b, fq, c1)  # (r, B, fq, C1): the output gradient on the grid
     gg[:, :, :f_out] = g.permute(1, 0, 2, 3)
     gg = gg.view(n, c1)  # (N, C1)
@@ -73,16 +81,6 @@ def two_conv_param_grads(
             gin[q, shift : shift + n].addmm_(gg, w1t[i, j])  # (N, C)
     gw1 = gw1.permute(2, 3, 0, 1)  # (C1, C, k, k)
     g0 = torch.ops.aten.threshold_backward(gin, hp, 0)  # through the mask and the ReLU (hp is 0 at both)
-    taps = x.new_zeros(s1 * s1, grid + tail, k0 * k0)  # the first conv's taps of every h position, on the grid
-    xs = x[:, 0]  # (B, T0, F0)
-    for a in range(s1):
-        for bb in range(s1):
-            tq, fqq = rows_t[a], cols_f[bb]
-            if tq == 0 or fqq == 0:  # an empty phase (h has fewer than s1 frames or frequencies)
-                continue
-            win = xs[:, s0 * a :, s0 * bb :].unfold(1, k0, s0 * s1).unfold(2, k0, s0 * s1)[:, :tq, :fqq]
-            dst = taps[a * s1 + bb, :grid].view(tp, b, fq, k0 * k0)[:tq, :, :fqq]  # (Tq, B, Fq, k0*k0)
-            dst.copy_(win.reshape(b, tq, fqq, k0 * k0).permute(1, 0, 2, 3))
     g0 = g0.view(-1, c)  # (rows, C)
     gw0 = taps.view(-1, k0 * k0).t().mm(g0)  # (k0*k0, C)
     return gw0.t().reshape(c, 1, k0, k0), g0.sum(0), gw1, gg.sum(0)
