@@ -151,12 +151,15 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """The input gradient on oneDNN, the weight gradient on ``mm`` (as fast or faster there)."""
+    """Both gradients on ``mm``: on the Intel Xeon VM (2 threads) its input-gradient products of the
+    LibriSpeech-100 shapes ran at 302-321 GFLOP/s against oneDNN's 261-289, and the training step took 0.988x the
+    time with oneDNN's (median of 5 alternating rounds in one process, every round faster), 0.993x in a second set
+    of 5 (3 faster): a small gain, at the edge of that VM's noise."""
     if ctx.act != "none":
         raise RuntimeError("onednn_linear has gradients only without a fused activation (act='none')")
     x2, weight = ctx.saved_tensors
     g = g.contiguous()  # (N, M)
-    gx = onednn_linear(g, weight.t(), None, "none") if ctx.needs_input_grad[0] else None  # (N, K)
+    gx = g.mm(weight) if ctx.needs_input_grad[0] else None  # (N, K)
     gw = g.t().mm(x2) if ctx.needs_input_grad[1] else None  # (M, K)
     gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (M,)
     return gx, gw, gb, None
