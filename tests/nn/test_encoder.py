@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -308,24 +309,32 @@ def test_dropout_keeps_a_one_byte_mask(conv_encoder):
 
 
 
+@pytest.mark.parametrize("chunk", [None, 64, 100])  # None: the whole-tensor path; else chunks of that many entries
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_dropout_equals_mask_product(dtype):
-    # the masked-scale autograd function against autograd through the plain product with the same mask
+def test_dropout_equals_mask_product(dtype, chunk):
+    # the masked-scale autograd function (whole or in chunks, the last one partial at 100) against autograd through
+    # the plain product with the same mask, exactly; a non-contiguous gradient takes the whole-tensor path
+    from ebranchformer.nn import dropout
     from ebranchformer.nn.dropout import dropout_bool_mask, keep_mask, keep_scale
 
     x = torch.randn(3, 7, 33, dtype=dtype, requires_grad=True)
-    g = torch.randn(3, 7, 33, dtype=dtype)
-    torch.manual_seed(5)
-    y = dropout_bool_mask(x, 0.3)
-    (gx,) = torch.autograd.grad(y, x, g)
-    torch.manual_seed(5)
-    keep = keep_mask(x.shape, 0.3, "cpu")
-    x2 = x.detach().clone().requires_grad_(True)
-    y_ref = x2 * keep.to(dtype) * keep_scale(0.3)
-    (gx_ref,) = torch.autograd.grad(y_ref, x2, g)
-    assert y.dtype == dtype and not torch.equal(keep, torch.ones_like(keep))
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
-    torch.testing.assert_close(gx, gx_ref, atol=0, rtol=0)
+    with torch.no_grad():
+        x[0, 0] = float("nan")  # dropped or not, a NaN stays NaN (as in F.dropout)
+    g = torch.randn(3, 33, 7, dtype=dtype).transpose(1, 2)
+    with mock.patch.object(dropout, "_CHUNK", chunk or dropout._CHUNK):
+        for grad in (g, g.contiguous()):
+            torch.manual_seed(5)
+            y = dropout_bool_mask(x, 0.3)
+            (gx,) = torch.autograd.grad(y, x, grad)
+            torch.manual_seed(5)
+            keep = keep_mask(x.shape, 0.3, "cpu")
+            x2 = x.detach().clone().requires_grad_(True)
+            y_ref = x2 * keep.to(dtype) * keep_scale(0.3)
+            (gx_ref,) = torch.autograd.grad(y_ref, x2, grad)
+            assert y.dtype == dtype and not torch.equal(keep, torch.ones_like(keep))
+            torch.testing.assert_close(y, y_ref, atol=0, rtol=0, equal_nan=True)
+            torch.testing.assert_close(gx, gx_ref, atol=0, rtol=0)
+            assert torch.isnan(y[0, 0]).all()
 
 BAD_INPUT = [
     (lambda x, n: (x[..., :20], n), ValueError, "x feature dim must be in_dim=24"),
