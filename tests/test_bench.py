@@ -222,7 +222,9 @@ def test_sweep(tmp_path):
     assert set(rows) == {(n, s) for n in ("ours", "espnet") for s in (1.0, 2.0)}
     for (_, sec), r in rows.items():
         assert r["batch"] == 1 and r["input_frames_valid"] == int(sec * 100)
-        assert r["peak_mem_bytes"] > 0 and 0 < r["quadratic_flop_share"] < 0.5
+        # a 1-2 s forward of the tiny encoder can fit in pages the baseline process also touched: >= 0 per row
+        assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0 and 0 < r["quadratic_flop_share"] < 0.5
+    assert max(r["peak_mem_bytes"] for r in rows.values()) > 0  # but the sweep does measure memory
     assert rows[("ours", 2.0)]["frames_out"] > rows[("ours", 1.0)]["frames_out"]
     assert res["quadratic_crossover"]["seconds"] > 2.0
     with open(paths["md"]) as f:
