@@ -85,20 +85,24 @@ _CHUNK = 1 << 18  # entries per chunk of the CPU product (1 MiB of float32)
 def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """``x`` times the bool ``keep`` times ``scale``, a new tensor.
 
-    Plain path: ``x * keep * scale``. On the CPU, for contiguous tensors of at least two chunks: a float x
-    uint8 product (the mask's uint8 view) and the scaling, chunk by chunk. torch converts the uint8 operand to a
-    float copy first; over the whole tensor that copy was a fresh 16 MiB for a (8, 499, 1024) mask, which took 0.7 s
-    of a 7.2 s LibriSpeech-100 training step (5-20 ms per copy there, 0.6 ms alone), while per 1 MiB chunk the copy
-    stays small and in cache. For that mask alone: ``where(keep, x, 0)`` and the scaling 3.1 ms, the chunks 1.7 ms.
-    The training step, alternating in one process, 7 rounds per set (ratio of medians, median of per-round ratios):
-    ``where`` against the whole-tensor product 0.950 / 0.967; these chunks against ``where`` 0.972 / 0.999 and
-    0.983 / 0.976 (BENCHMARKS.md, session 17), a small gain within the VM's noise. The same values as
-    the plain path (one product by 1 or 0, then one by ``scale``; a dropped NaN stays NaN, as in ``F.dropout``)."""
+    Plain path: ``x * keep * scale``, the mask entering as its uint8 view (the same bytes; a float x bool product
+    takes a slower mixed-dtype path on the CPU: 2.5 against 1.4 ms for (8, 499, 1024)). On the CPU, for contiguous
+    tensors of at least two chunks: a float x uint8 product (the mask's uint8 view) and the scaling, chunk by chunk.
+    torch converts the uint8 operand to a float copy first; over the whole tensor that copy was a fresh 16 MiB for a
+    (8, 499, 1024) mask, which took 0.7 s of a 7.2 s LibriSpeech-100 training step (5-20 ms per copy there, 0.6 ms
+    alone), while per 1 MiB chunk the copy stays small and in cache. For that mask alone: ``where(keep, x, 0)`` and
+    the scaling 3.1 ms, the chunks 1.7 ms. The training step, alternating in one process, 7 rounds per set (ratio of
+    medians, median of per-round ratios): ``where`` against the whole-tensor product 0.950 / 0.967; these chunks
+    against ``where`` 0.972 / 0.999 and 0.983 / 0.976 (BENCHMARKS.md, session 17), a small gain within the VM's
+    noise. That holds for a process that runs this encoder alone; with ESPnet's step run between ours (the
+    benchmark's interleaving, whose heap growth leaves glibc holding warm pages) the whole-tensor product was the
+    fastest and these chunks cost 2-5%. The same values as the plain path (one product by 1 or 0, then one by
+    ``scale``; a dropped NaN stays NaN, as in ``F.dropout``)."""
     # (while torch.compile traces, the plain path: one fused kernel there, and no loop over a dynamic size)
     if torch.compiler.is_compiling() or not (
         x.device.type == "cpu" and x.is_contiguous() and keep.is_contiguous() and x.numel() >= 2 * _CHUNK
     ):
-        return (x * keep).mul_(scale)  # (..., D)
+        return (x * keep.view(torch.uint8)).mul_(scale)  # (..., D)
     xf, kf = x.view(-1), keep.view(-1).view(torch.uint8)  # (N,) each, the same memory
     out = torch.empty_like(xf)  # (N,)
     for a in range(0, xf.numel(), _CHUNK):
