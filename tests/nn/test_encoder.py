@@ -308,7 +308,6 @@ def test_dropout_keeps_a_one_byte_mask(conv_encoder):
     torch.testing.assert_close(x.grad, kept.float() * 2)
 
 
-
 @pytest.mark.parametrize("chunk", [None, 64, 100])  # None: the whole-tensor path; else chunks of that many entries
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_dropout_equals_mask_product(dtype, chunk):
@@ -335,6 +334,7 @@ def test_dropout_equals_mask_product(dtype, chunk):
             torch.testing.assert_close(y, y_ref, atol=0, rtol=0, equal_nan=True)
             torch.testing.assert_close(gx, gx_ref, atol=0, rtol=0)
             assert torch.isnan(y[0, 0]).all()
+
 
 BAD_INPUT = [
     (lambda x, n: (x[..., :20], n), ValueError, "x feature dim must be in_dim=24"),

@@ -99,11 +99,12 @@ def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Te
     fastest and these chunks cost 2-5%. The same values as the plain path (one product by 1 or 0, then one by
     ``scale``; a dropped NaN stays NaN, as in ``F.dropout``)."""
     # (while torch.compile traces, the plain path: one fused kernel there, and no loop over a dynamic size)
+    k8 = keep.view(torch.uint8)  # the same bytes
     if torch.compiler.is_compiling() or not (
         x.device.type == "cpu" and x.is_contiguous() and keep.is_contiguous() and x.numel() >= 2 * _CHUNK
     ):
-        return (x * keep.view(torch.uint8)).mul_(scale)  # (..., D)
-    xf, kf = x.view(-1), keep.view(-1).view(torch.uint8)  # (N,) each, the same memory
+        return (x * k8).mul_(scale)  # (..., D)
+    xf, kf = x.view(-1), k8.view(-1)  # (N,) each
     out = torch.empty_like(xf)  # (N,)
     for a in range(0, xf.numel(), _CHUNK):
         e = a + _CHUNK
