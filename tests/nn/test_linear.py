@@ -27,6 +27,12 @@ _BF16_KERNELS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _onednn_float32(monkeypatch):
+    """These tests check the oneDNN path itself, also on CPUs where :func:`linear` would pick MKL for float32."""
+    monkeypatch.setattr(linear_mod, "cpu_onednn_fp32_faster", lambda: True)
+
+
 def _grads(fn, x, w, b, g):
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     b = None if b is None else b.clone().requires_grad_()
@@ -103,6 +109,21 @@ def test_other_dtypes_and_autocast_training_take_f_linear(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     assert not calls
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_float32_goes_to_onednn_only_where_it_is_the_faster(monkeypatch, faster):
+    real, calls = linear_mod._OP, []
+    monkeypatch.setattr(linear_mod, "_OP", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(linear_mod, "cpu_onednn_fp32_faster", lambda: faster)
+    x, w, b = torch.randn(4, 7, 16), torch.randn(24, 16), torch.randn(24)
+    with torch.no_grad():
+        y = linear(x, w, b, F.silu)
+    torch.testing.assert_close(y, F.silu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
+    if faster:
+        assert calls == ["swish"]
+    else:  # MKL's addmm and the activation after it: the plain path's very values
+        assert not calls and torch.equal(y, F.silu(F.linear(x, w, b)))
 
 
 @pytest.mark.parametrize("native", _BF16_KERNELS)

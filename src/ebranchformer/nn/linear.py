@@ -6,6 +6,9 @@ uses) adds the bias, and optionally applies the activation, inside the GEMM. On 
 (AMD EPYC, 2 threads, the LibriSpeech-100 encoder's five Linear shapes with 3992 rows, interleaved medians of 21) it
 took 0.84-0.91x the time of ``F.linear`` forward (bias included) and 0.72-0.87x that of ``mm`` for the input
 gradient; for the weight gradient ``mm`` was faster on 3 of the 5 shapes and within 2% on the others, so it stays.
+On x86 CPUs without AVX-512 (the project's AMD EPYC Zen 3 VM) MKL was the faster for the same shapes, so float32
+takes ``F.linear`` there (:func:`~.cpu_features.cpu_onednn_fp32_faster`): ls100 forward 0.855x the oneDNN path's
+time (ratio of medians over 7 rounds alternating in one process, ESPnet's step between).
 
 Under CPU bf16 autocast ``F.linear`` already runs on oneDNN, but as a product plus separate activation passes over a
 bf16 output; in inference the oneDNN path applies SiLU/GELU inside the GEMM there too (the FFN's first Linear plus
@@ -29,7 +32,7 @@ from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .autocast import cpu_autocast_dtype
-from .cpu_features import cpu_onednn_bf16
+from .cpu_features import cpu_onednn_bf16, cpu_onednn_fp32_faster
 
 __all__ = ["Linear", "linear", "onednn_float32", "onednn_linear"]
 
@@ -75,8 +78,9 @@ def linear(
 ) -> torch.Tensor:
     """``activation(x @ weight.T + bias)`` for x (..., K), weight (M, K), bias (M,) -> (..., M).
 
-    With ``onednn`` (Default: ``True``) and a float32 CPU input outside autocast, the product runs on oneDNN with the
-    bias inside the GEMM; without gradients a SiLU/GELU/ReLU ``activation`` is applied there too. The same holds in
+    With ``onednn`` (Default: ``True``) and a float32 CPU input outside autocast, on a CPU where oneDNN's float32
+    products are the faster (:func:`~.cpu_features.cpu_onednn_fp32_faster`: not x86 without AVX-512), the product
+    runs on oneDNN with the bias inside the GEMM; without gradients a SiLU/GELU/ReLU ``activation`` is applied there too. The same holds in
     bf16 for inference under CPU bf16 autocast (inputs cast to bf16 as autocast casts them, bf16 output; the fused
     activation then acts on the float32 accumulator, before the rounding to bf16). Otherwise (and for any other
     activation) it is ``activation(F.linear(x, weight, bias))``.
@@ -85,6 +89,8 @@ def linear(
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     dtype = _onednn_dtype(x, weight, grads) if onednn else None
+    if dtype == torch.float32 and not cpu_onednn_fp32_faster():  # AVX2-only x86: MKL's products are the faster
+        dtype = None
     if dtype is None:
         y = F.linear(x, weight, bias)
         return y if activation is None else activation(y)
