@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from ebranchformer.nn import cpu_features
-from ebranchformer.nn.cpu_features import cpu_amx_bf16, cpu_onednn_bf16, cpu_onednn_fp32_faster, cpu_vendor
+from ebranchformer.nn.cpu_features import (
+    cpu_amx_bf16,
+    cpu_onednn_bf16,
+    cpu_onednn_fp32_faster,
+    cpu_onednn_mm_faster,
+    cpu_vendor,
+)
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -52,11 +58,34 @@ def test_cpu_onednn_fp32_faster_is_false_only_on_x86_without_avx512():
     ("x86_64", "AVX512", True), ("x86_64", "AVX2", False), ("AMD64", "DEFAULT", False), ("aarch64", "DEFAULT", True),
 ])  # fmt: skip
 def test_cpu_onednn_fp32_faster_by_isa(monkeypatch, machine, capability, faster):
+    assert _answer_on(monkeypatch, cpu_onednn_fp32_faster, machine, capability) is faster
+
+
+def _answer_on(monkeypatch, rule, machine: str, capability: str, vendor: str | None = None) -> bool:
+    """``rule()`` (a cached cpu_features query) as on a CPU of this machine type, ISA level (and vendor)."""
     monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    cpu_onednn_fp32_faster.cache_clear()
+    if vendor is not None:
+        monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: vendor)
+    rule.cache_clear()
     try:
-        assert cpu_onednn_fp32_faster() is faster
+        return rule()
     finally:
         monkeypatch.undo()
-        cpu_onednn_fp32_faster.cache_clear()
+        rule.cache_clear()
+
+
+def test_cpu_onednn_mm_faster_only_on_avx512_cpus_not_made_by_intel():
+    assert isinstance(cpu_onednn_mm_faster(), bool)
+    flags = set(_cpuinfo_field("flags").split()) if _CPUINFO.exists() else set()
+    if platform.machine().lower() in ("x86_64", "amd64") and flags:
+        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+        assert cpu_onednn_mm_faster() == (avx512 and _cpuinfo_field("vendor_id") != "GenuineIntel")
+
+
+@pytest.mark.parametrize(("machine", "vendor", "capability", "faster"), [
+    ("x86_64", "AuthenticAMD", "AVX512", True), ("x86_64", "GenuineIntel", "AVX512", False),
+    ("x86_64", "AuthenticAMD", "AVX2", False), ("aarch64", "", "DEFAULT", False),
+])  # fmt: skip
+def test_cpu_onednn_mm_faster_by_vendor_and_isa(monkeypatch, machine, vendor, capability, faster):
+    assert _answer_on(monkeypatch, cpu_onednn_mm_faster, machine, capability, vendor) is faster

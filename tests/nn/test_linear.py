@@ -55,13 +55,46 @@ def test_onednn_linear_equals_f_linear_with_gradients(lead, k, m, bias, seed):
     w = torch.randn(m, k, generator=gen) / k**0.5
     b = torch.randn(m, generator=gen) if bias else None
     g = torch.randn(*lead, m, generator=gen)
-    fast = _grads(lambda x, w, b: linear(x, w, b), x, w, b, g)
     plain = _grads(F.linear, x, w, b, g)
-    for a, r in zip(fast, plain):
-        if r is None:
-            assert a is None
-        else:
-            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    for onednn_mm in (True, False):  # the gradient products on oneDNN and on torch.mm
+        with mock.patch.object(linear_mod, "cpu_onednn_mm_faster", lambda flag=onednn_mm: flag):
+            fast = _grads(lambda x, w, b: linear(x, w, b), x, w, b, g)
+        for a, r in zip(fast, plain):
+            if r is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 70), m=st.integers(1, 70), layout=st.sampled_from(["dense", "t", "cols"]),
+       onednn_mm=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_mm_and_addmm_equal_torch_mm(n, k, m, layout, onednn_mm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "dense":
+        a, b = torch.randn(n, k, generator=gen), torch.randn(k, m, generator=gen)
+    elif layout == "t":  # transposed views, as the gradients pass them
+        a, b = torch.randn(k, n, generator=gen).t(), torch.randn(m, k, generator=gen).t()
+    else:  # column slices (neither dense nor transposed: copied first)
+        a, b = torch.randn(n, k + 3, generator=gen)[:, 1 : k + 1], torch.randn(k, m + 2, generator=gen)[:, 2:]
+    acc = torch.randn(n + 4, m, generator=gen)
+    calls = []
+    real = linear_mod._OP
+    with mock.patch.object(linear_mod, "cpu_onednn_mm_faster", lambda: onednn_mm), \
+            mock.patch.object(linear_mod, "_OP", lambda *args: calls.append(1) or real(*args)):  # fmt: skip
+        got = linear_mod.mm(a, b)
+        out = torch.full((n, m), float("nan"))
+        assert linear_mod.mm(a, b, out=out) is out
+        acc_got = acc.clone()
+        linear_mod.addmm_(acc_got[2 : n + 2], a, b)  # into a row slice, as the conv phases accumulate
+    assert len(calls) == (3 if onednn_mm else 0)
+    want = a.double() @ b.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, got)
+    acc_want = acc.double()
+    acc_want[2 : n + 2] += want
+    torch.testing.assert_close(acc_got.double(), acc_want, atol=1e-4, rtol=1e-5)
+    assert linear_mod.mm(a.double(), b.double()).dtype == torch.float64  # other dtypes: torch.mm
 
 
 @pytest.mark.parametrize("act", [F.silu, F.gelu, F.relu, torch.tanh])

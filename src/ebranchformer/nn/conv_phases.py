@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .autocast import conv2d
+from .linear import addmm_, mm
 
 __all__ = ["two_conv_param_grads"]
 
@@ -77,8 +78,8 @@ def two_conv_param_grads(
     for i in range(k):
         for j in range(k):
             q, shift = (i % s1) * s1 + j % s1, (i // s1) * b * fq + j // s1
-            torch.mm(gg.t(), hp[q, shift : shift + n], out=gw1[i, j])  # (C1, C)
-            gin[q, shift : shift + n].addmm_(gg, w1t[i, j])  # (N, C)
+            mm(gg.t(), hp[q, shift : shift + n], out=gw1[i, j])  # (C1, C)
+            addmm_(gin[q, shift : shift + n], gg, w1t[i, j])  # (N, C)
     gw1 = gw1.permute(2, 3, 0, 1)  # (C1, C, k, k)
     g0 = torch.ops.aten.threshold_backward(gin, hp, 0)  # through the mask and the ReLU (hp is 0 at both)
     g0 = g0.view(-1, c)  # (rows, C)

@@ -5,7 +5,10 @@ output (``addmm``). oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the
 uses) adds the bias, and optionally applies the activation, inside the GEMM. On the project's 2-core AVX-512 VM
 (AMD EPYC, 2 threads, the LibriSpeech-100 encoder's five Linear shapes with 3992 rows, interleaved medians of 21) it
 took 0.84-0.91x the time of ``F.linear`` forward (bias included) and 0.72-0.87x that of ``mm`` for the input
-gradient; for the weight gradient ``mm`` was faster on 3 of the 5 shapes and within 2% on the others, so it stays.
+gradient; for the weight gradient ``mm`` was faster on 3 of the 5 shapes and within 2% on the others. On the AMD
+EPYC Zen 5 VM MKL runs at less than half oneDNN's rate (square n = 2048 products, 2 threads: ``mm`` 207, oneDNN 463
+GFLOP/s), so on AVX-512 CPUs not made by Intel both gradients run on oneDNN as well (:func:`mm`,
+:func:`~.cpu_features.cpu_onednn_mm_faster`; the ls100 training step 0.852x, 5 rounds with ESPnet's step between).
 On x86 CPUs without AVX-512 (the project's AMD EPYC Zen 3 VM) MKL was the faster for the same shapes, so float32
 takes ``F.linear`` there (:func:`~.cpu_features.cpu_onednn_fp32_faster`): ls100 forward 0.855x the oneDNN path's
 time (ratio of medians over 7 rounds alternating in one process, ESPnet's step between).
@@ -32,9 +35,9 @@ from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .autocast import cpu_autocast_dtype
-from .cpu_features import cpu_onednn_bf16, cpu_onednn_fp32_faster
+from .cpu_features import cpu_onednn_bf16, cpu_onednn_fp32_faster, cpu_onednn_mm_faster
 
-__all__ = ["Linear", "linear", "onednn_float32", "onednn_linear"]
+__all__ = ["Linear", "addmm_", "linear", "mm", "onednn_float32", "onednn_linear"]
 
 try:
     _OP = torch.ops.mkldnn._linear_pointwise  # (X (N, K), W (M, K), B (M,) | None, attr, scalars, algorithm)
@@ -158,21 +161,57 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """Both gradients on ``mm``: on the Intel Xeon VM (2 threads) its input-gradient products of the
-    LibriSpeech-100 shapes ran at 302-321 GFLOP/s against oneDNN's 261-289, and the training step took 0.988x the
-    time with oneDNN's (median of 5 alternating rounds in one process, every round faster), 0.993x in a second set
-    of 5 (3 faster): a small gain, at the edge of that VM's noise."""
+    """Both gradients through :func:`mm`: oneDNN where MKL runs its AVX2 kernels (AMD with AVX-512), else
+    ``torch.mm``. On the Intel Xeon VM (2 threads) ``mm`` ran the input-gradient products of the LibriSpeech-100
+    shapes at 302-321 GFLOP/s against oneDNN's 261-289, and the training step took 0.988x the time with oneDNN's
+    (median of 5 alternating rounds in one process, every round faster), 0.993x in a second set of 5 (3 faster)."""
     if ctx.act != "none":
         raise RuntimeError("onednn_linear has gradients only without a fused activation (act='none')")
     x2, weight = ctx.saved_tensors
     g = g.contiguous()  # (N, M)
-    gx = g.mm(weight) if ctx.needs_input_grad[0] else None  # (N, K)
-    gw = g.t().mm(x2) if ctx.needs_input_grad[1] else None  # (M, K)
+    gx = mm(g, weight) if ctx.needs_input_grad[0] else None  # (N, K)
+    gw = mm(g.t(), x2) if ctx.needs_input_grad[1] else None  # (M, K)
     gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (M,)
     return gx, gw, gb, None
 
 
 onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _dense_or_transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) itself if it or its transpose is dense, else a dense copy (oneDNN takes seconds on other
+    strides, e.g. a column slice)."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
+
+
+def _mm_on_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (cpu_onednn_mm_faster() and a.dtype == b.dtype == torch.float32 and a.is_cpu and b.is_cpu
+            and _onednn_built() and cpu_autocast_dtype() is None)  # fmt: skip
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None, traced: bool = True) -> torch.Tensor:
+    """``a @ b`` for a (N, K), b (K, M) -> (N, M), into ``out`` if given. Float32 CPU matrices run on oneDNN's
+    matmul where it beats MKL's ``mm`` (:func:`~.cpu_features.cpu_onednn_mm_faster`: x86 CPUs with AVX-512 not
+    made by Intel), as ``onednn_linear(a, b^T)``; anything else is ``torch.mm``. The same sums in another order
+    (float32 rounding). No autograd of its own: it serves backward passes and other products outside autograd.
+
+    oneDNN copies an ``a`` that is a transposed view (not ``b``): pass the larger operand as a dense ``a`` (for
+    ``x^T y`` with a large y, ``mm(y^T, x).t()``). ``traced=False`` calls oneDNN's op directly instead of through
+    the custom op (about 13 us less per call; for Python loops that torch.compile never traces)."""
+    if not _mm_on_onednn(a, b):
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    a, w = _dense_or_transposed(a), _dense_or_transposed(b).t()  # (N, K), (M, K)
+    y = onednn_linear(a, w, None, "none") if traced else _OP(a, w, None, "none", [], "")  # (N, M)
+    return y if out is None else out.copy_(y)
+
+
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place (acc (N, M), a (N, K), b (K, M)); returns ``acc``. Where :func:`mm` runs on
+    oneDNN, its product plus one ``add_`` (on the Zen 5 VM a (1920, 256) x (256, 256) product into a row slice:
+    0.52 ms against 1.12 for ``addmm_``); otherwise ``Tensor.addmm_``."""
+    if not _mm_on_onednn(a, b):
+        return acc.addmm_(a, b)
+    return acc.add_(mm(a, b))
 
 
 @register_flop_formula(torch.ops.ebranchformer.onednn_linear)
