@@ -13,11 +13,12 @@ from torch.utils.checkpoint import checkpoint
 from ..config import register
 from .autocast import cpu_autocast_dtype
 from .blocked_attention import attend_blocks, attend_blocks_train, attend_pairs, block_rows
-from .cpu_features import cpu_amx_bf16, cpu_vendor
+from .cpu_features import cpu_amx_bf16, cpu_onednn_mm_faster, cpu_vendor
 from .dropout import Dropout, keep_mask
 from .linear import Linear, onednn_float32
 from .masking import check_frames, lengths_to_valid
 from .norm import LayerNorm
+from .pair_attention import attend_pairs_train
 from .posenc import legacy_rel_pos_table, rel_pos_table
 
 __all__ = ["RelPosSelfAttention", "SelfAttention", "rel_shift", "rel_shift_legacy"]
@@ -137,6 +138,10 @@ class _MultiHeadBase(nn.Module):
                     return self._infer_blocks(*args, block, tails)
             return self._infer_blocks(qu, k, v, qv, p, key_bias, block, tails)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
+        pairs = self.onednn and cpu_onednn_mm_faster()
+        if pairs and onednn_float32(qu, k, v, *(x for x in (qv, p) if x is not None)):
+            # where MKL runs at half oneDNN's rate (AMD with AVX-512): every product a 2-D oneDNN matmul per pair
+            return attend_pairs_train(qu, k, v, qv, p, key_bias, keep, drop, store=self.keep_probs)
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)
 

@@ -1,0 +1,123 @@
+"""Training attention one (batch row, head) pair at a time on oneDNN's matmul: the CPU training path of
+:class:`~ebranchformer.nn.attention.RelPosSelfAttention` and :class:`~ebranchformer.nn.attention.SelfAttention`
+where oneDNN's float32 products beat MKL's (:func:`~.cpu_features.cpu_onednn_mm_faster`).
+
+The values are those of :func:`~.blocked_attention.attend_blocks_train` (the same sums in another order): the
+forward keeps only its inputs, the dropout keep-mask and its output, and the backward recomputes each pair's
+(T, T) scores and softmax (FlashAttention's scheme), unless ``store`` keeps the probabilities. Per pair every
+product is one 2-D oneDNN matmul (:func:`~.linear.mm`), the positional term in sub-blocks of ``pos_rows`` queries
+that read only the T + n - 1 table rows their distances reach. The blocked path's batched products run on MKL's
+``bmm``, at about half oneDNN's rate on the project's AMD EPYC Zen 5 VM (BENCHMARKS.md, session 19).
+
+Notation as in :mod:`.blocked_attention`: ``qu`` (B, H, T, dk) the queries that meet the keys, ``qv`` those that
+meet the table (already scaled by 1/sqrt(dk)), ``p`` (H, 2T-1, dk) the table with row m for distance T-1-m,
+``key_bias`` (B, 1, 1, T) 0 on valid keys and -inf on padding, ``keep`` (B, H, T, T) bool or None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .blocked_attention import _by_key
+from .dropout import keep_scale
+from .linear import mm as _mm
+
+__all__ = ["attend_pairs_train"]
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`~.linear.mm` without the custom op's overhead (this Python loop is never traced)."""
+    return _mm(a, b, out=out, traced=False)
+
+
+def _probs(quc, kc, qvc, pc, kb, b: int, h: int, pos_rows: int) -> torch.Tensor:
+    """Softmax probabilities (T, T) of pair (b, h); ``kc`` pre-scaled by 1/sqrt(dk), ``kb`` (T,) or None."""
+    t = quc.shape[2]
+    s = mm(quc[b, h], kc[b, h].t())  # (T, T)
+    if pc is not None:
+        for a in range(0, t, pos_rows):
+            e = min(a + pos_rows, t)
+            local = mm(qvc[b, h, a:e], pc[h, t - e : 2 * t - 1 - a].t())  # (n, T+n-1)
+            s[a:e] += _by_key(local[None], 1, 1, e - a, t)[0, 0]  # (n, T)
+    if kb is not None:
+        s += kb
+    return torch.softmax(s, dim=-1)
+
+
+def _key_rows(key_bias: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each batch row's (T,) key bias, or None for a row without padded keys (nothing to add)."""
+    b, t = key_bias.shape[0], key_bias.shape[-1]
+    padded = torch.isneginf(key_bias.view(b, t)).any(-1).tolist()
+    return [key_bias[i, 0, 0] if padded[i] else None for i in range(b)]
+
+
+class _AttendPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale_: float, pos_rows: int, store: bool):
+        b_, h_, t, dk = qu.shape
+        quc = qu.contiguous()  # (B, H, T, dk)
+        kc = torch.mul(k, 1.0 / math.sqrt(dk), out=qu.new_empty(qu.shape))  # (B, H, T, dk), dense and pre-scaled
+        vc = v.contiguous()  # (B, H, T, dk)
+        qvc = None if qv is None else qv.contiguous()  # (B, H, T, dk)
+        pc = None if p is None else p.contiguous()  # (H, 2T-1, dk)
+        kbs = _key_rows(key_bias)
+        out = qu.new_empty(b_, t, h_, dk)  # (B, T, H, dk): heads merged by the view at the end
+        probs = qu.new_empty(b_, h_, t, t) if store else None  # (B, H, T, T)
+        for b in range(b_):
+            for h in range(h_):
+                att = _probs(quc, kc, qvc, pc, kbs[b], b, h, pos_rows)  # (T, T)
+                if probs is not None:
+                    probs[b, h] = att
+                if keep is not None:
+                    att = att.mul_(keep[b, h].to(att.dtype).mul_(keep_scale_))  # dropped
+                out[b, :, h] = mm(att, vc[b, h])  # (T, dk)
+        ctx.save_for_backward(quc, kc, vc, qvc, pc, key_bias, keep, out, probs)
+        ctx.keep_scale, ctx.pos_rows = keep_scale_, pos_rows
+        return out.view(b_, t, h_ * dk)  # (B, T, D)
+
+    @staticmethod
+    def backward(ctx, go):
+        quc, kc, vc, qvc, pc, key_bias, keep, out, probs = ctx.saved_tensors
+        b_, h_, t, dk = quc.shape
+        scale, pos_rows = 1.0 / math.sqrt(dk), ctx.pos_rows
+        go = go.reshape(b_, t, h_, dk)  # (B, T, H, dk)
+        dqu, dk_, dv = torch.empty_like(quc), torch.empty_like(kc), torch.empty_like(vc)  # (B, H, T, dk)
+        dqv = None if qvc is None else torch.empty_like(qvc)
+        dp = None if pc is None else torch.zeros_like(pc)  # (H, 2T-1, dk)
+        kbs = _key_rows(key_bias)
+        for b in range(b_):
+            for h in range(h_):
+                att = _probs(quc, kc, qvc, pc, kbs[b], b, h, pos_rows) if probs is None else probs[b, h]  # (T, T)
+                gob = go[b, :, h].contiguous()  # (T, dk)
+                kf = None if keep is None else keep[b, h].to(att.dtype).mul_(ctx.keep_scale)  # (T, T)
+                # x^T y products as (y^T x)^T: oneDNN copies a transposed left operand, here the small one
+                dv[b, h] = mm(gob.t(), att if kf is None else att * kf).t()  # (T, dk)
+                ds = mm(gob, vc[b, h].t())  # d(dropped) (T, T)
+                if kf is not None:
+                    ds = ds.mul_(kf)  # d(att)
+                # softmax backward with the row sums of d(att) * att taken as d(out) . out (FlashAttention's trick)
+                rowdot = (gob * out[b, :, h]).sum(-1, keepdim=True)  # (T, 1)
+                ds = ds.sub_(rowdot).mul_(att)  # d(scores) (T, T)
+                mm(ds, kc[b, h], out=dqu[b, h])  # (T, dk); kc carries the 1/sqrt(dk)
+                torch.mul(mm(quc[b, h].t(), ds).t(), scale, out=dk_[b, h])  # (T, dk)
+                if pc is None:
+                    continue
+                for a in range(0, t, pos_rows):
+                    e = min(a + pos_rows, t)
+                    local = ds.new_zeros(e - a, t + e - a - 1)  # (n, T+n-1), as in _probs
+                    _by_key(local[None], 1, 1, e - a, t)[0, 0].copy_(ds[a:e])
+                    mm(local, pc[h, t - e : 2 * t - 1 - a], out=dqv[b, h, a:e])  # (n, dk)
+                    dp[h, t - e : 2 * t - 1 - a] += mm(qvc[b, h, a:e].t(), local).t()  # (T+n-1, dk)
+        return dqu, dk_, dv, dqv, dp, None, None, None, None, None
+
+
+def attend_pairs_train(
+    qu, k, v, qv, p, key_bias, keep: torch.Tensor | None, drop_p: float, store: bool = False, pos_rows: int = 256
+):
+    """The values of :func:`~.blocked_attention.attend_blocks_train` (dropout on the probabilities with ``keep``
+    (B, H, T, T) bool, kept entries scaled by :func:`~.dropout.keep_scale` of ``drop_p``; None: none), one
+    (batch row, head) pair at a time on oneDNN. Returns (B, T, H*dk); gradients reach qu, k, v, qv and p.
+    ``store`` keeps the (B, H, T, T) softmax probabilities for backward instead of recomputing them."""
+    return _AttendPairs.apply(qu, k, v, qv, p, key_bias, keep, keep_scale(drop_p), pos_rows, store)

@@ -1,0 +1,97 @@
+"""Training attention per (batch row, head) pair on oneDNN (``nn.pair_attention``) against the blocked path and the
+plain modules: outputs and all gradients."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ebranchformer import RelPosSelfAttention, SelfAttention
+from ebranchformer.nn import attention, pair_attention
+from ebranchformer.nn import linear as linear_mod
+from ebranchformer.nn.blocked_attention import attend_blocks_train
+from ebranchformer.nn.pair_attention import attend_pairs_train
+
+from .conftest import perturb_
+from .test_fast_paths import _output_and_grads, _valid
+
+_ONEDNN = linear_mod.onednn_float32(torch.zeros(1))
+
+
+def _inputs(lengths, heads, dk, relpos, drop, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, t = len(lengths), max(lengths)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    qu, k, v = rand(b, heads, t, dk), rand(b, heads, t, dk), rand(b, heads, t, dk)
+    qv, p = (rand(b, heads, t, dk), rand(heads, 2 * t - 1, dk)) if relpos else (None, None)
+    key_bias = torch.zeros(b, 1, 1, t, dtype=dtype).masked_fill_(~_valid(lengths, t)[:, None, None], float("-inf"))
+    keep = torch.rand(b, heads, t, t, generator=g) >= drop if drop else None
+    go = torch.randn(b, t, heads * dk, generator=g, dtype=dtype)
+    return (qu, k, v, qv, p), key_bias, keep, go
+
+
+def _run(fn, tensors, key_bias, keep, drop, go, **kw):
+    y = fn(*tensors, key_bias, keep, drop, **kw)
+    wrt = [x for x in tensors if x is not None]
+    return [y, *torch.autograd.grad(y, wrt, go)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    heads=st.sampled_from([1, 2, 3]),
+    dk=st.sampled_from([1, 4, 8]),
+    relpos=st.booleans(),
+    drop=st.sampled_from([0.0, 0.25]),
+    store=st.booleans(),
+    pos_rows=st.sampled_from([1, 7, 256]),
+    onednn=st.booleans(),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_attend_pairs_train_equals_attend_blocks_train(lengths, heads, dk, relpos, drop, store, pos_rows, onednn, seed):
+    # float64 on torch.mm, or float32 with every product on oneDNN (forced on any CPU that has it)
+    if onednn and not _ONEDNN:
+        return
+    dtype, tol = (torch.float32, 1e-5) if onednn else (torch.float64, 1e-12)
+    tensors, key_bias, keep, go = _inputs(lengths, heads, dk, relpos, drop, dtype, seed)
+    calls = []
+    real = linear_mod._OP
+    with mock.patch.object(linear_mod, "cpu_onednn_mm_faster", lambda: onednn), \
+            mock.patch.object(linear_mod, "_OP", lambda *a: calls.append(1) or real(*a)):  # fmt: skip
+        got = _run(attend_pairs_train, tensors, key_bias, keep, drop, go, store=store, pos_rows=pos_rows)
+    assert bool(calls) == onednn
+    want = _run(attend_blocks_train, tensors, key_bias, keep, drop, go, block=5, store=False)
+    assert len(got) == len(want) == (6 if relpos else 4)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not _ONEDNN, reason="this torch has no oneDNN")
+@pytest.mark.parametrize("relpos", [True, False])
+@pytest.mark.parametrize("pairs", [True, False])
+def test_attention_training_takes_the_pairs_where_onednn_beats_mkl(monkeypatch, relpos, pairs):
+    # float32 CPU training: on the pairs where cpu_onednn_mm_faster says so, else the blocks; the same output and
+    # gradients (input and every parameter) as the plain path, with the same dropout masks
+    att = RelPosSelfAttention(32, 4, att_dropout=0.2) if relpos else SelfAttention(32, 4, att_dropout=0.2)
+    att = perturb_(att).train()
+    x, valid = torch.randn(3, 45, 32, requires_grad=True), _valid([45, 30, 8], 45)
+    monkeypatch.setattr(attention, "cpu_onednn_mm_faster", lambda: pairs)
+    monkeypatch.setattr(linear_mod, "cpu_onednn_mm_faster", lambda: pairs)
+    seen = []
+    real = pair_attention.attend_pairs_train
+    monkeypatch.setattr(attention, "attend_pairs_train", lambda *a, **k: seen.append(1) or real(*a, **k))
+    y, g = _output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 5)
+    assert bool(seen) == pairs
+    att.fast = False
+    y_ref, g_ref = _output_and_grads(att, (x, valid), lambda m, x, v: m(x, v), 5)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+    assert len(g) == len(g_ref) == len(list(att.parameters())) + 1
+    for a, e in zip(g, g_ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
