@@ -75,15 +75,16 @@ def test_attend_pairs_train_equals_attend_blocks_train(lengths, heads, dk, relpo
 
 @pytest.mark.skipif(not _ONEDNN, reason="this torch has no oneDNN")
 @pytest.mark.parametrize("relpos", [True, False])
-@pytest.mark.parametrize("pairs", [True, False])
-def test_attention_training_takes_the_pairs_where_onednn_beats_mkl(monkeypatch, relpos, pairs):
-    # float32 CPU training: on the pairs where cpu_onednn_mm_faster says so, else the blocks; the same output and
-    # gradients (input and every parameter) as the plain path, with the same dropout masks
+@pytest.mark.parametrize(("faster", "min_t", "pairs"), [(True, 45, True), (True, 46, False), (False, 0, False)])
+def test_attention_training_takes_the_pairs_where_onednn_beats_mkl(monkeypatch, relpos, faster, min_t, pairs):
+    # float32 CPU training: on the pairs where cpu_onednn_mm_faster says so and T' >= _PAIRS_MIN_T, else the
+    # blocks; the same output and gradients (input and every parameter) as the plain path, same dropout masks
     att = RelPosSelfAttention(32, 4, att_dropout=0.2) if relpos else SelfAttention(32, 4, att_dropout=0.2)
     att = perturb_(att).train()
     x, valid = torch.randn(3, 45, 32, requires_grad=True), _valid([45, 30, 8], 45)
-    monkeypatch.setattr(attention, "cpu_onednn_mm_faster", lambda: pairs)
-    monkeypatch.setattr(linear_mod, "cpu_onednn_mm_faster", lambda: pairs)
+    monkeypatch.setattr(attention, "cpu_onednn_mm_faster", lambda: faster)
+    monkeypatch.setattr(linear_mod, "cpu_onednn_mm_faster", lambda: faster)
+    monkeypatch.setattr(attention, "_PAIRS_MIN_T", min_t)
     seen = []
     real = pair_attention.attend_pairs_train
     monkeypatch.setattr(attention, "attend_pairs_train", lambda *a, **k: seen.append(1) or real(*a, **k))

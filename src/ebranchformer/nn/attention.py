@@ -27,7 +27,8 @@ _HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
 _BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) scores on the blocked CPU path (inference)
 _TRAIN_BLOCK_BYTES = 4 << 20  # ... and in training
 # Inference from this many frames T' on: attend_pairs (oneDNN products, one (row, head) pair at a time, scores in
-# blocks of _PAIR_BLOCK_BYTES) instead of SDPA in blocks; below it SDPA was faster (blocked_attention.attend_pairs)
+# blocks of _PAIR_BLOCK_BYTES) instead of SDPA in blocks; below it SDPA was faster (blocked_attention.attend_pairs).
+# Training takes pair_attention.attend_pairs_train from the same T' on (where cpu_onednn_mm_faster).
 _PAIRS_MIN_T = 448
 _PAIR_BLOCK_BYTES = 2 << 20
 
@@ -138,9 +139,12 @@ class _MultiHeadBase(nn.Module):
                     return self._infer_blocks(*args, block, tails)
             return self._infer_blocks(qu, k, v, qv, p, key_bias, block, tails)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
-        pairs = self.onednn and cpu_onednn_mm_faster()
+        pairs = self.onednn and t >= _PAIRS_MIN_T and cpu_onednn_mm_faster()
         if pairs and onednn_float32(qu, k, v, *(x for x in (qv, p) if x is not None)):
-            # where MKL runs at half oneDNN's rate (AMD with AVX-512): every product a 2-D oneDNN matmul per pair
+            # where MKL runs at half oneDNN's rate (AMD with AVX-512): every product a 2-D oneDNN matmul per pair.
+            # Their per-pair overhead made them slower at short T' (one layer's attention fwd+bwd, dk = 64, 4 heads,
+            # Zen 5 VM, 2 threads: 1.05x the blocks' time at 8 x 400, 1.28x at 8 x 300; 0.93x at 8 x 450, 0.82x
+            # at 8 x 499, 0.67x at 2 x 1000)
             return attend_pairs_train(qu, k, v, qv, p, key_bias, keep, drop, store=self.keep_probs)
         block = block_rows(b, h, t, _TRAIN_BLOCK_BYTES)
         return attend_blocks_train(qu, k, v, qv, p, key_bias, keep, drop, block, store=self.keep_probs)
