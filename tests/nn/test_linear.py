@@ -97,6 +97,22 @@ def test_mm_and_addmm_equal_torch_mm(n, k, m, layout, onednn_mm, seed):
     assert linear_mod.mm(a.double(), b.double()).dtype == torch.float64  # other dtypes: torch.mm
 
 
+@pytest.mark.parametrize("onednn_mm", [True, False])
+@pytest.mark.parametrize(("m", "k"), [(40, 12), (12, 40), (16, 16)])  # the narrower operand on either side
+def test_mm_tn_and_mm_left_t_equal_the_transposed_products(onednn_mm, m, k):
+    gen = torch.Generator().manual_seed(m * k)
+    a, b = torch.randn(77, m, generator=gen), torch.randn(77, k, generator=gen)
+    with mock.patch.object(linear_mod, "cpu_onednn_mm_faster", lambda: onednn_mm):
+        got = linear_mod.mm_tn(a, b)
+        left = linear_mod.mm_left_t(a)
+        via_left = linear_mod.mm(left, b)
+    assert got.shape == via_left.shape == (m, k)
+    want = a.double().t() @ b.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(via_left.double(), want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(left, a.t()) and left.is_contiguous() == onednn_mm
+
+
 @pytest.mark.parametrize("act", [F.silu, F.gelu, F.relu, torch.tanh])
 def test_fused_activation_equals_activation_after_linear(act):
     x, w, b = torch.randn(2, 37, 48) * 2, torch.randn(96, 48) / 7, torch.randn(96)

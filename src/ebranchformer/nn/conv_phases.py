@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .autocast import conv2d
-from .linear import addmm_, mm
+from .linear import addmm_, mm, mm_left_t
 
 __all__ = ["two_conv_param_grads"]
 
@@ -75,10 +75,11 @@ def two_conv_param_grads(
     w1t = w1.permute(2, 3, 0, 1).contiguous()  # (k, k, C1, C): tap (i, j)'s weight
     gw1 = g.new_empty(k, k, c1, c)
     gin = torch.zeros_like(hp)  # (s1*s1, rows, C): the input gradient on the phases
+    ggt = mm_left_t(gg)  # (C1, N), the left operand of every tap's weight gradient
     for i in range(k):
         for j in range(k):
             q, shift = (i % s1) * s1 + j % s1, (i // s1) * b * fq + j // s1
-            mm(gg.t(), hp[q, shift : shift + n], out=gw1[i, j])  # (C1, C)
+            mm(ggt, hp[q, shift : shift + n], out=gw1[i, j])  # (C1, C)
             addmm_(gin[q, shift : shift + n], gg, w1t[i, j])  # (N, C)
     gw1 = gw1.permute(2, 3, 0, 1)  # (C1, C, k, k)
     g0 = torch.ops.aten.threshold_backward(gin, hp, 0)  # through the mask and the ReLU (hp is 0 at both)
