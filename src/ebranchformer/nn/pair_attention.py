@@ -7,7 +7,9 @@ forward keeps only its inputs, the dropout keep-mask and its output, and the bac
 (T, T) scores and softmax (FlashAttention's scheme), unless ``store`` keeps the probabilities. Per pair every
 product is one 2-D oneDNN matmul (:func:`~.linear.mm`), the positional term in sub-blocks of ``pos_rows`` queries
 that read only the T + n - 1 table rows their distances reach. The blocked path's batched products run on MKL's
-``bmm``, at about half oneDNN's rate on the project's AMD EPYC Zen 5 VM (BENCHMARKS.md, session 19).
+``bmm``, at about half oneDNN's rate on the project's AMD EPYC Zen 5 VM (BENCHMARKS.md, session 19). The attention
+modules take this path from T' >= 448 on (``attention._PAIRS_MIN_T``): below that the per-pair overhead made it
+slower than the blocks. Measured on 2 threads only; with many threads each pair's (T, T) products are split finer.
 
 Notation as in :mod:`.blocked_attention`: ``qu`` (B, H, T, dk) the queries that meet the keys, ``qv`` those that
 meet the table (already scaled by 1/sqrt(dk)), ``p`` (H, 2T-1, dk) the table with row m for distance T-1-m,
