@@ -97,36 +97,61 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     (:func:`~.linear.onednn_linear`); the key mask is added only on rows with padding. Returns (B, T, H*dk).
 
     oneDNN is slow on non-contiguous operands (seconds for a strided slice), so k (pre-scaled), v^T, the queries
-    and the table are first copied dense, once per call.
+    and the table are first copied dense, once per call (:func:`dense_pair_operands`).
 
     Measured against :func:`attend_blocks` in the encoder's forward (2 threads, alternating in one process;
     BENCHMARKS.md): 0.977x for the ls100 batch at T' = 499 (two row groups of one thread each), 0.917x for one 80 s
     utterance (T' = 1999); slower below T' of about 450 (1.02-1.05x at T' = 124-399 for one row), where the caller
     keeps SDPA."""
     b_, h_, t, dk = qu.shape
-    quc = qu.contiguous()  # (B, H, T, dk)
-    kc = torch.mul(k, 1.0 / math.sqrt(dk), out=qu.new_empty(qu.shape))  # (B, H, T, dk), dense and pre-scaled
+    quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)
     vt = v.transpose(-2, -1).contiguous()  # (B, H, dk, T)
-    qvc = None if qv is None else qv.contiguous()  # (B, H, T, dk)
-    pc = None if p is None else p.contiguous()  # (H, 2T-1, dk)
-    padded = torch.isneginf(key_bias.view(b_, t)).any(-1).tolist()
+    kbs = key_rows(key_bias)
     rows = max(1, block_bytes // (4 * t * pos_rows)) * pos_rows  # whole sub-blocks of positional rows
     out = qu.new_empty(b_, t, h_, dk)
     for b in range(b_):
-        kb = key_bias[b, 0, 0] if padded[b] else None  # (T,)
         for h in range(h_):
             for a0 in range(0, t, rows):
                 e0 = min(a0 + rows, t)
                 s = onednn_linear(quc[b, h, a0:e0], kc[b, h], None, "none")  # (n0, T)
                 if pc is not None:
-                    for a in range(a0, e0, pos_rows):
-                        e = min(a + pos_rows, e0)
-                        local = onednn_linear(qvc[b, h, a:e], pc[h, t - e : 2 * t - 1 - a], None, "none")  # (n, T+n-1)
-                        s[a - a0 : e - a0] += _by_key(local[None], 1, 1, e - a, t)[0, 0]  # (n, T)
-                if kb is not None:
-                    s += kb
+                    add_pair_pos(s, qvc, pc, b, h, a0, e0, pos_rows, _onednn_xwt)
+                if kbs[b] is not None:
+                    s += kbs[b]
                 out[b, a0:e0, h] = onednn_linear(torch.softmax(s, dim=-1), vt[b, h], None, "none")  # (n0, dk)
     return out.view(b_, t, h_ * dk)
+
+
+def _onednn_xwt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return onednn_linear(x, w, None, "none")  # x w^T
+
+
+def dense_pair_operands(qu, k, qv, p):
+    """The dense operands of the per-pair products: qu, k pre-scaled by 1/sqrt(dk) (both (B, H, T, dk)), qv and
+    p ((H, 2T-1, dk)) or None. oneDNN is slow on strided slices, so each is copied dense once per call."""
+    quc = qu.contiguous()  # (B, H, T, dk)
+    kc = torch.mul(k, 1.0 / math.sqrt(qu.shape[-1]), out=qu.new_empty(qu.shape))  # (B, H, T, dk), pre-scaled
+    qvc = None if qv is None else qv.contiguous()  # (B, H, T, dk)
+    pc = None if p is None else p.contiguous()  # (H, 2T-1, dk)
+    return quc, kc, qvc, pc
+
+
+def key_rows(key_bias: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each batch row's (T,) key bias from ``key_bias`` (B, 1, 1, T), or None for a row without padded keys
+    (nothing to add)."""
+    b, t = key_bias.shape[0], key_bias.shape[-1]
+    padded = torch.isneginf(key_bias.view(b, t)).any(-1).tolist()
+    return [key_bias[i, 0, 0] if padded[i] else None for i in range(b)]
+
+
+def add_pair_pos(s, qvc, pc, b: int, h: int, a0: int, e0: int, pos_rows: int, xwt) -> None:
+    """``s`` (e0 - a0, T) += pair (b, h)'s positional scores of query rows [a0, e0), in sub-blocks of ``pos_rows``
+    queries, each a product ``xwt(x, w) = x w^T`` with only the T + n - 1 table rows its distances reach."""
+    t = qvc.shape[2]
+    for a in range(a0, e0, pos_rows):
+        e = min(a + pos_rows, e0)
+        local = xwt(qvc[b, h, a:e], pc[h, t - e : 2 * t - 1 - a])  # (n, T+n-1)
+        s[a - a0 : e - a0] += _by_key(local[None], 1, 1, e - a, t)[0, 0]  # (n, T)
 
 
 def _probs(qu, k, qv, p, key_bias, a: int, e: int):

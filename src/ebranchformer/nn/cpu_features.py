@@ -43,12 +43,8 @@ def cpu_onednn_fp32_faster() -> bool:
     0.84-0.91x ``F.linear``'s time; the Intel Xeon VM: the training step 1.031x slower on MKL's ``addmm``). On an
     AVX2-only CPU (the project's AMD EPYC Zen 3 VM, 2 threads, 3992-row products of the LibriSpeech-100 shapes) MKL's
     ``addmm`` took 0.85-0.96x oneDNN's time, and ``addmm`` plus SiLU 0.72-0.77x oneDNN's fused SiLU."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
-    try:
-        return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT", "NO AVX")
-    except (AttributeError, RuntimeError):  # a torch without the query
-        return True
+    isa = _x86_capability()
+    return isa is None or isa not in ("AVX2", "DEFAULT", "NO AVX")
 
 
 @functools.cache
@@ -59,12 +55,18 @@ def cpu_onednn_mm_faster() -> bool:
     198-224 GFLOP/s, oneDNN at 440-496 for the input gradients and 256-393 for the weight gradients. On Intel CPUs
     MKL runs at full speed and ``mm`` stays (the Xeon VM: the input gradients at 302-321 GFLOP/s on ``mm``, 261-289
     on oneDNN); on AVX2-only CPUs (the Zen 3 VM) MKL was the faster."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or cpu_vendor() == "GenuineIntel":
-        return False
+    return _x86_capability() == "AVX512" and cpu_vendor() != "GenuineIntel"
+
+
+def _x86_capability() -> str | None:
+    """torch's CPU capability ("AVX512", "AVX2", "DEFAULT", ...) on an x86 machine; None elsewhere or when this
+    torch cannot say."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     try:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+        return torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):  # a torch without the query
-        return False
+        return None
 
 
 @functools.cache

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .blocked_attention import _by_key
+from .blocked_attention import _by_key, add_pair_pos, dense_pair_operands, key_rows
 from .dropout import keep_scale
 from .linear import mm as _mm
 
@@ -34,15 +34,16 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> tor
     return _mm(a, b, out=out, traced=False)
 
 
+def _xwt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return mm(x, w.t())  # x w^T
+
+
 def _probs(quc, kc, qvc, pc, kb, b: int, h: int, pos_rows: int) -> torch.Tensor:
     """Softmax probabilities (T, T) of pair (b, h); ``kc`` pre-scaled by 1/sqrt(dk), ``kb`` (T,) or None."""
     t = quc.shape[2]
     s = mm(quc[b, h], kc[b, h].t())  # (T, T)
     if pc is not None:
-        for a in range(0, t, pos_rows):
-            e = min(a + pos_rows, t)
-            local = mm(qvc[b, h, a:e], pc[h, t - e : 2 * t - 1 - a].t())  # (n, T+n-1)
-            s[a:e] += _by_key(local[None], 1, 1, e - a, t)[0, 0]  # (n, T)
+        add_pair_pos(s, qvc, pc, b, h, 0, t, pos_rows, _xwt)
     if kb is not None:
         s += kb
     return torch.softmax(s, dim=-1)
@@ -54,23 +55,13 @@ def _factor(keep: torch.Tensor, b: int, h: int, dtype: torch.dtype) -> torch.Ten
     return keep[b, h].view(torch.uint8).to(dtype)
 
 
-def _key_rows(key_bias: torch.Tensor) -> list[torch.Tensor | None]:
-    """Each batch row's (T,) key bias, or None for a row without padded keys (nothing to add)."""
-    b, t = key_bias.shape[0], key_bias.shape[-1]
-    padded = torch.isneginf(key_bias.view(b, t)).any(-1).tolist()
-    return [key_bias[i, 0, 0] if padded[i] else None for i in range(b)]
-
-
 class _AttendPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale_: float, pos_rows: int, store: bool):
         b_, h_, t, dk = qu.shape
-        quc = qu.contiguous()  # (B, H, T, dk)
-        kc = torch.mul(k, 1.0 / math.sqrt(dk), out=qu.new_empty(qu.shape))  # (B, H, T, dk), dense and pre-scaled
+        quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)  # kc pre-scaled by 1/sqrt(dk)
         vc = v.contiguous()  # (B, H, T, dk)
-        qvc = None if qv is None else qv.contiguous()  # (B, H, T, dk)
-        pc = None if p is None else p.contiguous()  # (H, 2T-1, dk)
-        kbs = _key_rows(key_bias)
+        kbs = key_rows(key_bias)
         out = qu.new_empty(b_, t, h_, dk)  # (B, T, H, dk): heads merged by the view at the end
         probs = qu.new_empty(b_, h_, t, t) if store else None  # (B, H, T, T)
         for b in range(b_):
@@ -94,7 +85,7 @@ class _AttendPairs(torch.autograd.Function):
         dqu, dk_, dv = torch.empty_like(quc), torch.empty_like(kc), torch.empty_like(vc)  # (B, H, T, dk)
         dqv = None if qvc is None else torch.empty_like(qvc)
         dp = None if pc is None else torch.zeros_like(pc)  # (H, 2T-1, dk)
-        kbs = _key_rows(key_bias)
+        kbs = key_rows(key_bias)
         for b in range(b_):
             for h in range(h_):
                 att = _probs(quc, kc, qvc, pc, kbs[b], b, h, pos_rows) if probs is None else probs[b, h]  # (T, T)
