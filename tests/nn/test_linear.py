@@ -113,6 +113,16 @@ def test_mm_tn_and_mm_left_t_equal_the_transposed_products(onednn_mm, m, k):
     assert torch.equal(left, a.t()) and left.is_contiguous() == onednn_mm
 
 
+@pytest.mark.parametrize(("n", "k", "m"), [(1, 1, 1), (37, 64, 499), (128, 64, 626), (499, 499, 64)])
+def test_onednn_xwt_eager_equals_the_custom_op(n, k, m):
+    # the per-pair loops' direct call: the custom op's values, without its dispatch or autograd
+    gen = torch.Generator().manual_seed(n + k + m)
+    x, w = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+    got = linear_mod.onednn_xwt_eager(x, w)
+    assert torch.equal(got, linear_mod.onednn_linear(x, w, None, "none"))
+    torch.testing.assert_close(got.double(), x.double() @ w.double().t(), atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("act", [F.silu, F.gelu, F.relu, torch.tanh])
 def test_fused_activation_equals_activation_after_linear(act):
     x, w, b = torch.randn(2, 37, 48) * 2, torch.randn(96, 48) / 7, torch.randn(96)
