@@ -583,6 +583,50 @@ def test_attend_pairs_equals_attend_blocks(pos_rows, block_bytes, relpos):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@needs_onednn
+def test_attend_pairs_converts_bf16_keys_and_values_as_float_does():
+    # bf16 inference hands k and v to the pairs in bf16, strided: the same values as their float32 copies
+    from ebranchformer.nn.blocked_attention import attend_pairs, dense_float, dense_pair_operands
+
+    b, h, t, dk = 2, 3, 29, 8
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(b, t, 3, h, dk, generator=gen).bfloat16().permute(2, 0, 3, 1, 4)  # (3, B, H, T, dk) views
+    qu, qv = (torch.randn(b, h, t, dk, generator=gen) for _ in range(2))
+    k, v = qkv[1], qkv[2]
+    p = torch.randn(h, 2 * t - 1, dk, generator=gen)
+    key_bias = torch.zeros(b, 1, 1, t).masked_fill_(~_valid([29, 11], t)[:, None, None], float("-inf"))
+    for got, want in zip(dense_pair_operands(qu, k, qv, p), dense_pair_operands(qu, k.float(), qv, p)):
+        assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, want)
+    with torch.no_grad():
+        got = attend_pairs(qu, k, v, qv, p, key_bias, 700)
+        want = attend_pairs(qu, k.float(), v.float(), qv, p, key_bias, 700)
+    assert torch.equal(got, want)
+    strided = torch.randn(4, 5).t()
+    for x in (strided, strided.double(), strided.bfloat16()):  # Tensor.to alone keeps a float32 view strided
+        y = dense_float(x)
+        assert y.is_contiguous() and y.dtype == (torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+        assert torch.equal(y, x.to(y.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 0.125, 0.3])
+def test_biased_queries_dense_without_gradients_equal_the_autograd_sum(dtype, scale):
+    from ebranchformer.nn.attention import _biased
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 7, 3, 4, 8, generator=gen).to(dtype).permute(2, 0, 3, 1, 4)[0]  # (B, H, T, dk) view
+    bias = torch.randn(4, 8, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        dense = _biased(q, bias, scale)
+    summed = _biased(q, bias, scale)  # with gradients: autograd's ops
+    want = q + bias[:, None, :] if scale is None else (q + bias[:, None, :]) * scale
+    assert dense.is_contiguous() and not dense.requires_grad and summed.requires_grad
+    assert dense.dtype == summed.dtype == torch.float32
+    assert torch.equal(dense, want.detach()) and torch.equal(summed, want)
+    summed.sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full_like(bias, 2 * 7 * (1.0 if scale is None else scale)))
+
+
 @pytest.mark.parametrize("amx", [False, True])  # without AMX the float32 blocks; with AMX SDPA's blocks in bf16
 @pytest.mark.parametrize("pairs_from", [1, 448])  # the float32 blocks on oneDNN pairs (1) or SDPA (448 > T')
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])

@@ -33,6 +33,19 @@ _PAIRS_MIN_T = 448
 _PAIR_BLOCK_BYTES = 2 << 20
 
 
+def _biased(q: torch.Tensor, bias: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``(q + bias[:, None, :]) * scale`` for q (B, H, T, dk) and a per-head bias (H, dk). Without gradients it is
+    written into a new contiguous tensor: the sum of a strided head view (the QKV projection's (B, T, 3, H, dk)
+    output) otherwise comes out in the (B, T, H, dk) order, which the oneDNN pairs then copy dense; one LibriSpeech-
+    100 attention layer (8 x 499, bf16 autocast and float32 inference) took 0.83-0.86x the time (60 alternating
+    rounds in one process, Zen 5 VM)."""
+    b = bias[:, None, :]  # (H, 1, dk)
+    if torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad):
+        return q + b if scale is None else (q + b) * scale
+    out = torch.add(q, b, out=q.new_empty(q.shape, dtype=torch.result_type(q, b)))  # (B, H, T, dk), contiguous
+    return out if scale is None else out.mul_(scale)
+
+
 def _key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T) valid keys -> (B, 1, 1, T) additive mask: 0 on valid keys, -inf on padding."""
     b, t = valid.shape
@@ -134,10 +147,15 @@ class _MultiHeadBase(nn.Module):
                 with torch.autocast(qu.device.type, enabled=False):
                     # without AMX the blocks run in float32 on the half-precision projections: SDPA's CPU kernel
                     # was slower in bf16 than in float32 at these block sizes on AVX-512 alone (bf16 encoder
-                    # forward 0.95x with this), and scores and softmax keep float32 precision
-                    args = [None if x is None else x.float() for x in (qu, k, v, qv, p, key_bias)]
-                    return self._infer_blocks(*args, block, tails)
-            return self._infer_blocks(qu, k, v, qv, p, key_bias, block, tails)
+                    # forward 0.95x with this), and scores and softmax keep float32 precision. The pairs take k
+                    # and v in bf16 and convert them in their dense copies (one pass each instead of two)
+                    qu, qv, p, key_bias = (None if x is None else x.float() for x in (qu, qv, p, key_bias))
+                    if self._infer_pairs(qu):
+                        return attend_pairs(qu, k, v, qv, p, key_bias, _PAIR_BLOCK_BYTES)
+                    return attend_blocks(qu, k.float(), v.float(), qv, p, key_bias, block, tails)
+            if self._infer_pairs(qu, k, v):
+                return attend_pairs(qu, k, v, qv, p, key_bias, _PAIR_BLOCK_BYTES)
+            return attend_blocks(qu, k, v, qv, p, key_bias, block, tails)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
         pairs = self.onednn and t >= _PAIRS_MIN_T and cpu_onednn_mm_faster()
         if pairs and onednn_float32(qu, k, v, *(x for x in (qv, p) if x is not None)):
@@ -155,16 +173,14 @@ class _MultiHeadBase(nn.Module):
         inference = not torch.is_grad_enabled() and not (self.training and self.att_dropout > 0)
         return inference and self.onednn and cpu_autocast_dtype() == torch.bfloat16 and cpu_amx_bf16()
 
-    def _infer_blocks(self, qu, k, v, qv, p, key_bias, block: int, key_tails: list[int] | None) -> torch.Tensor:
-        """Blocked inference: oneDNN's products one (row, head) pair at a time for float32 from T' >=
-        ``_PAIRS_MIN_T`` on (:func:`~.blocked_attention.attend_pairs`) on a CPU that is not Intel's, else SDPA in
-        blocks of ``block`` queries. Where MKL runs at full speed (Intel), SDPA's CPU kernel, whose products are
+    def _infer_pairs(self, *tensors: torch.Tensor) -> bool:
+        """Whether float32 blocked inference on these tensors takes oneDNN's products one (row, head) pair at a
+        time (:func:`~.blocked_attention.attend_pairs`): from T' >= ``_PAIRS_MIN_T`` on, on a CPU that is not
+        Intel's; else SDPA in blocks. Where MKL runs at full speed (Intel), SDPA's CPU kernel, whose products are
         MKL's, was the faster: ls100 fp32 forward 0.93x the pairs' time, one 80 s utterance 0.92x (this session's
         Xeon VM, 2 threads); on the AMD EPYC VM the pairs were (0.977x and 0.917x the SDPA blocks' time)."""
-        pairs = self.onednn and qu.shape[2] >= _PAIRS_MIN_T and onednn_float32(qu, k, v)
-        if pairs and cpu_vendor() != "GenuineIntel":
-            return attend_pairs(qu, k, v, qv, p, key_bias, _PAIR_BLOCK_BYTES)
-        return attend_blocks(qu, k, v, qv, p, key_bias, block, key_tails)
+        pairs = self.onednn and tensors[0].shape[2] >= _PAIRS_MIN_T and onednn_float32(*tensors)
+        return pairs and cpu_vendor() != "GenuineIntel"
 
     def _core(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """``fn(*args)``, checkpointed in training when ``recompute`` is set."""
@@ -273,8 +289,8 @@ class RelPosSelfAttention(_MultiHeadBase):
             bu, bv = self.pos_bias_u, self.pos_bias_v
             if self._amx_blocks():  # the blocks take bf16: the biased queries are made in it (q is bf16 there)
                 bu, bv = bu.to(q.dtype), bv.to(q.dtype)
-            qv = (q + bv[:, None, :]) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, dk)
-            return self.out_proj(self._blocked(q + bu[:, None, :], k, v, qv, p, valid))
+            scale = 1.0 / math.sqrt(self.head_dim)
+            return self.out_proj(self._blocked(_biased(q, bu), k, v, _biased(q, bv, scale), p, valid))
         return self.out_proj(self._core(self._scores_and_attend, q, k, v, p, valid))
 
     def _scores_and_attend(

@@ -108,7 +108,7 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     keeps SDPA."""
     b_, h_, t, dk = qu.shape
     quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)
-    vt = v.transpose(-2, -1).contiguous()  # (B, H, dk, T)
+    vt = dense_float(v.transpose(-2, -1))  # (B, H, dk, T)
     kbs = key_rows(key_bias)
     rows = max(1, block_bytes // (4 * t * pos_rows)) * pos_rows  # whole sub-blocks of positional rows
     out = qu.new_empty(b_, t, h_, dk)
@@ -127,12 +127,22 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
 
 def dense_pair_operands(qu, k, qv, p):
     """The dense operands of the per-pair products: qu, k pre-scaled by 1/sqrt(dk) (both (B, H, T, dk)), qv and
-    p ((H, 2T-1, dk)) or None. oneDNN is slow on strided slices, so each is copied dense once per call."""
-    quc = qu.contiguous()  # (B, H, T, dk)
-    kc = torch.mul(k, 1.0 / math.sqrt(qu.shape[-1]), out=qu.new_empty(qu.shape))  # (B, H, T, dk), pre-scaled
-    qvc = None if qv is None else qv.contiguous()  # (B, H, T, dk)
-    pc = None if p is None else p.contiguous()  # (H, 2T-1, dk)
-    return quc, kc, qvc, pc
+    p ((H, 2T-1, dk)) or None. oneDNN is slow on strided slices, so each is copied dense once per call, in one pass
+    that also converts a half-precision input to float32 (bf16 inference hands over its k and v projections as
+    they are)."""
+    scale = 1.0 / math.sqrt(qu.shape[-1])
+    kc = k.new_empty(k.shape, dtype=torch.float32 if k.dtype in _HALF else k.dtype)  # (B, H, T, dk)
+    kc = torch.mul(k, scale, out=kc) if k.dtype == kc.dtype else kc.copy_(k).mul_(scale)  # pre-scaled
+    return dense_float(qu), kc, None if qv is None else dense_float(qv), None if p is None else dense_float(p)
+
+
+def dense_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous, in float32 if it is a half dtype: ``x`` itself if it is so already, else one (converting)
+    copy. (``Tensor.to`` returns an ``x`` of the asked dtype as it is, strided or not, even with
+    ``memory_format=torch.contiguous_format``.)"""
+    if x.dtype not in _HALF:
+        return x.contiguous()
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def key_rows(key_bias: torch.Tensor) -> list[torch.Tensor | None]:
