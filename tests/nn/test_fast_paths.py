@@ -565,22 +565,39 @@ def test_attend_blocks_key_tails_equal_the_key_bias_sum(lengths, heads, block):
 
 
 @needs_onednn
+@pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("pos_rows", [1, 5, 128])
 @pytest.mark.parametrize("block_bytes", [1, 700, 1 << 30])
 @pytest.mark.parametrize("relpos", [True, False])
-def test_attend_pairs_equals_attend_blocks(pos_rows, block_bytes, relpos):
-    # the module's strided (B, H, T, dk) views of (B, T, H, dk) tensors, a padded row, sub-blocks of 1 to 128 rows
+def test_attend_pairs_equals_attend_blocks(pos_rows, block_bytes, relpos, holes):
+    # the module's strided (B, H, T, dk) views of (B, T, H, dk) tensors, padded rows (whose keys after the last
+    # valid one the pairs leave out), masked keys inside rows with ``holes``, sub-blocks of 1 to 128 rows
     from ebranchformer.nn.blocked_attention import attend_blocks, attend_pairs
 
     b, h, t, dk = 3, 2, 41, 8
     qu, k, v, qv = (torch.randn(b, t, h, dk).transpose(1, 2) for _ in range(4))  # (B, H, T, dk) views
     p = torch.randn(2 * t - 1, h, dk).transpose(0, 1) if relpos else None  # (H, 2T-1, dk) view
     qv = qv if relpos else None
-    key_bias = torch.zeros(b, 1, 1, t).masked_fill_(~_valid([41, 20, 3], t)[:, None, None], float("-inf"))
+    valid = _valid([41, 20, 3], t)
+    if holes:
+        valid[:, 1::3] = False
+    key_bias = torch.zeros(b, 1, 1, t).masked_fill_(~valid[:, None, None], float("-inf"))
     with torch.no_grad():
         ref = attend_blocks(qu, k, v, qv, p, key_bias, 16)
         out = attend_pairs(qu, k, v, qv, p, key_bias, block_bytes, pos_rows=pos_rows)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_key_rows_give_the_keys_up_to_the_last_valid_one():
+    from ebranchformer.nn.blocked_attention import key_rows
+
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    key_bias = torch.zeros(4, 1, 1, 5).masked_fill_(~valid[:, None, None], float("-inf"))
+    rows = key_rows(key_bias)
+    assert [n for _, n in rows] == [5, 3, 3, 5]  # a row without a valid key keeps all (NaN as on the plain path)
+    assert rows[0][0] is None and rows[1][0] is None  # nothing masked among the kept keys
+    assert torch.equal(rows[2][0], torch.tensor([0.0, float("-inf"), 0.0]))
+    assert torch.equal(rows[3][0], key_bias[3, 0, 0])
 
 
 @needs_onednn

@@ -22,7 +22,7 @@ from .test_fast_paths import _output_and_grads, _valid
 _ONEDNN = linear_mod.onednn_float32(torch.zeros(1))
 
 
-def _inputs(lengths, heads, dk, relpos, drop, dtype, seed):
+def _inputs(lengths, heads, dk, relpos, drop, dtype, seed, holes=False):
     g = torch.Generator().manual_seed(seed)
     b, t = len(lengths), max(lengths)
 
@@ -31,7 +31,10 @@ def _inputs(lengths, heads, dk, relpos, drop, dtype, seed):
 
     qu, k, v = rand(b, heads, t, dk), rand(b, heads, t, dk), rand(b, heads, t, dk)
     qv, p = (rand(b, heads, t, dk), rand(heads, 2 * t - 1, dk)) if relpos else (None, None)
-    key_bias = torch.zeros(b, 1, 1, t, dtype=dtype).masked_fill_(~_valid(lengths, t)[:, None, None], float("-inf"))
+    valid = _valid(lengths, t)
+    if holes:  # masked keys inside the rows too (a valid mask need not be a prefix); key 0 stays valid
+        valid &= (torch.rand(b, t, generator=g) >= 0.3) | (torch.arange(t) == 0)
+    key_bias = torch.zeros(b, 1, 1, t, dtype=dtype).masked_fill_(~valid[:, None, None], float("-inf"))
     keep = torch.rand(b, heads, t, t, generator=g) >= drop if drop else None
     go = torch.randn(b, t, heads * dk, generator=g, dtype=dtype)
     return (qu, k, v, qv, p), key_bias, keep, go
@@ -53,14 +56,18 @@ def _run(fn, tensors, key_bias, keep, drop, go, **kw):
     store=st.booleans(),
     pos_rows=st.sampled_from([1, 7, 256]),
     onednn=st.booleans(),
+    holes=st.booleans(),
     seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_attend_pairs_train_equals_attend_blocks_train(lengths, heads, dk, relpos, drop, store, pos_rows, onednn, seed):
+def test_attend_pairs_train_equals_attend_blocks_train(
+    lengths, heads, dk, relpos, drop, store, pos_rows, onednn, holes, seed
+):
     # float64 on torch.mm, or float32 with every product on oneDNN (forced on any CPU that has it)
     if onednn and not _ONEDNN:
         return
     dtype, tol = (torch.float32, 1e-5) if onednn else (torch.float64, 1e-12)
-    tensors, key_bias, keep, go = _inputs(lengths, heads, dk, relpos, drop, dtype, seed)
+    # each pair's products leave out the keys after its row's last valid one (key_rows); those get zero gradients
+    tensors, key_bias, keep, go = _inputs(lengths, heads, dk, relpos, drop, dtype, seed, holes)
     calls = []
     real = linear_mod._OP
     with mock.patch.object(linear_mod, "cpu_onednn_mm_faster", lambda: onednn), \

@@ -99,8 +99,12 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     loop is never traced; bf16 encoder forward 0.983x, 7 rounds alternating in one process on the Zen 5 VM); the
     key mask is added only on rows with padding. Returns (B, T, H*dk).
 
-    oneDNN is slow on non-contiguous operands (seconds for a strided slice), so k (pre-scaled), v^T, the queries
-    and the table are first copied dense, once per call (:func:`dense_pair_operands`).
+    Each pair's products leave out the keys after its batch row's last valid one (:func:`key_rows`; one ls100
+    attention layer with the bench batch's lengths, T' = 399-499: 0.96x the time in float32, 0.98x under bf16
+    autocast, 40 alternating rounds; the bf16 encoder forward 0.97-0.99x). oneDNN is slow on non-contiguous
+    operands (seconds for a strided slice), so k (pre-scaled), v, the queries and the table are first copied
+    dense, once per call (:func:`dense_pair_operands`); v enters as the transposed view of its (n_k, dk) rows,
+    which oneDNN took faster than a dense v^T (93 against 116 us for a (499, 499) x (499, 64) product).
 
     Measured against :func:`attend_blocks` in the encoder's forward (2 threads, alternating in one process;
     BENCHMARKS.md): 0.977x for the ls100 batch at T' = 499 (two row groups of one thread each), 0.917x for one 80 s
@@ -108,20 +112,21 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     keeps SDPA."""
     b_, h_, t, dk = qu.shape
     quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)
-    vt = dense_float(v.transpose(-2, -1))  # (B, H, dk, T)
-    kbs = key_rows(key_bias)
+    vc = dense_float(v)  # (B, H, T, dk); its (n_k, dk) rows go to oneDNN transposed (faster than a dense v^T)
+    keys = key_rows(key_bias)
     rows = max(1, block_bytes // (4 * t * pos_rows)) * pos_rows  # whole sub-blocks of positional rows
     out = qu.new_empty(b_, t, h_, dk)
     for b in range(b_):
+        kb, nk = keys[b]  # keys from nk on are all masked: left out
         for h in range(h_):
             for a0 in range(0, t, rows):
                 e0 = min(a0 + rows, t)
-                s = _XWT(quc[b, h, a0:e0], kc[b, h])  # (n0, T)
+                s = _XWT(quc[b, h, a0:e0], kc[b, h, :nk])  # (n0, n_k)
                 if pc is not None:
                     add_pair_pos(s, qvc, pc, b, h, a0, e0, pos_rows, _XWT)
-                if kbs[b] is not None:
-                    s += kbs[b]
-                out[b, a0:e0, h] = _XWT(torch.softmax(s, dim=-1), vt[b, h])  # (n0, dk)
+                if kb is not None:
+                    s += kb
+                out[b, a0:e0, h] = _XWT(torch.softmax(s, dim=-1), vc[b, h, :nk].t())  # (n0, dk)
     return out.view(b_, t, h_ * dk)
 
 
@@ -145,22 +150,29 @@ def dense_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
-def key_rows(key_bias: torch.Tensor) -> list[torch.Tensor | None]:
-    """Each batch row's (T,) key bias from ``key_bias`` (B, 1, 1, T), or None for a row without padded keys
-    (nothing to add)."""
+def key_rows(key_bias: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
+    """Per batch row of ``key_bias`` (B, 1, 1, T): ``(bias, n)`` with n the keys up to the last valid one (every key
+    from n on is masked, so a pair's products need only keys [0, n): the same values, their -inf bias only ever
+    adding exact zeros) and ``bias`` the (n,) key bias of those, or None where none of them is masked (nothing to
+    add). A row without any valid key keeps all T (its softmax then gives NaN, as on the plain path)."""
     b, t = key_bias.shape[0], key_bias.shape[-1]
-    padded = torch.isneginf(key_bias.view(b, t)).any(-1).tolist()
-    return [key_bias[i, 0, 0] if padded[i] else None for i in range(b)]
+    masked = torch.isneginf(key_bias.view(b, t))  # (B, T)
+    valid_at = torch.where(masked, 0, torch.arange(1, t + 1, device=masked.device))  # (B, T): index + 1 if valid
+    ends = valid_at.amax(-1)  # (B,): one past the last valid key, 0 without any
+    ends = torch.where(ends == 0, t, ends).tolist()
+    holes = [bool(masked[i, : ends[i]].any()) for i in range(b)]
+    return [(key_bias[i, 0, 0, : ends[i]] if holes[i] else None, ends[i]) for i in range(b)]
 
 
 def add_pair_pos(s, qvc, pc, b: int, h: int, a0: int, e0: int, pos_rows: int, xwt) -> None:
-    """``s`` (e0 - a0, T) += pair (b, h)'s positional scores of query rows [a0, e0), in sub-blocks of ``pos_rows``
-    queries, each a product ``xwt(x, w) = x w^T`` with only the T + n - 1 table rows its distances reach."""
-    t = qvc.shape[2]
+    """``s`` (e0 - a0, n_k) += pair (b, h)'s positional scores of query rows [a0, e0) against keys [0, n_k), in
+    sub-blocks of ``pos_rows`` queries, each a product ``xwt(x, w) = x w^T`` with only the n_k + n - 1 table rows
+    its distances reach."""
+    t, nk = qvc.shape[2], s.shape[1]
     for a in range(a0, e0, pos_rows):
         e = min(a + pos_rows, e0)
-        local = xwt(qvc[b, h, a:e], pc[h, t - e : 2 * t - 1 - a])  # (n, T+n-1)
-        s[a - a0 : e - a0] += _by_key(local[None], 1, 1, e - a, t)[0, 0]  # (n, T)
+        local = xwt(qvc[b, h, a:e], pc[h, t - e : t - 1 - a + nk])  # (n, n_k+n-1)
+        s[a - a0 : e - a0] += _by_key(local[None], 1, 1, e - a, nk)[0, 0]  # (n, n_k)
 
 
 def _probs(qu, k, qv, p, key_bias, a: int, e: int):

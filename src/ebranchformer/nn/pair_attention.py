@@ -6,7 +6,8 @@ The values are those of :func:`~.blocked_attention.attend_blocks_train` (the sam
 forward keeps only its inputs, the dropout keep-mask and its output, and the backward recomputes each pair's
 (T, T) scores and softmax (FlashAttention's scheme), unless ``store`` keeps the probabilities. Per pair every
 product is one 2-D oneDNN matmul (:func:`~.linear.mm`), the positional term in sub-blocks of ``pos_rows`` queries
-that read only the T + n - 1 table rows their distances reach. The blocked path's batched products run on MKL's
+that read only the table rows their distances reach, and only the keys up to the batch row's last valid one
+(:func:`~.blocked_attention.key_rows`; the keys after it get zero gradients). The blocked path's batched products run on MKL's
 ``bmm``, at about half oneDNN's rate on the project's AMD EPYC Zen 5 VM (BENCHMARKS.md, session 19). The attention
 modules take this path from T' >= 448 on (``attention._PAIRS_MIN_T``): below that the per-pair overhead made it
 slower than the blocks. Measured on 2 threads only; with many threads each pair's (T, T) products are split finer.
@@ -38,10 +39,11 @@ def _xwt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return mm(x, w.t())  # x w^T
 
 
-def _probs(quc, kc, qvc, pc, kb, b: int, h: int, pos_rows: int) -> torch.Tensor:
-    """Softmax probabilities (T, T) of pair (b, h); ``kc`` pre-scaled by 1/sqrt(dk), ``kb`` (T,) or None."""
+def _probs(quc, kc, qvc, pc, kb, nk: int, b: int, h: int, pos_rows: int) -> torch.Tensor:
+    """Softmax probabilities (T, n_k) of pair (b, h) over its keys [0, n_k) (the rest all masked:
+    :func:`~.blocked_attention.key_rows`); ``kc`` pre-scaled by 1/sqrt(dk), ``kb`` (n_k,) or None."""
     t = quc.shape[2]
-    s = mm(quc[b, h], kc[b, h].t())  # (T, T)
+    s = mm(quc[b, h], kc[b, h, :nk].t())  # (T, n_k)
     if pc is not None:
         add_pair_pos(s, qvc, pc, b, h, 0, t, pos_rows, _xwt)
     if kb is not None:
@@ -49,10 +51,16 @@ def _probs(quc, kc, qvc, pc, kb, b: int, h: int, pos_rows: int) -> torch.Tensor:
     return torch.softmax(s, dim=-1)
 
 
-def _factor(keep: torch.Tensor, b: int, h: int, dtype: torch.dtype) -> torch.Tensor:
-    """Pair (b, h)'s keep-mask as 0 / 1 in ``dtype`` (T, T), converted from its uint8 view (the bool conversion took
-    1.8x as long)."""
-    return keep[b, h].view(torch.uint8).to(dtype)
+def _factor(keep: torch.Tensor, b: int, h: int, nk: int, dtype: torch.dtype) -> torch.Tensor:
+    """Pair (b, h)'s keep-mask of keys [0, n_k) as 0 / 1 in ``dtype`` (T, n_k), converted from its uint8 view (the
+    bool conversion took 1.8x as long)."""
+    return keep[b, h, :, :nk].view(torch.uint8).to(dtype)
+
+
+def _pair_probs(probs: torch.Tensor, b: int, h: int, nk: int) -> torch.Tensor:
+    """A dense (T, n_k) view of pair (b, h)'s storage in ``probs`` (B, H, T, T), for its stored probabilities."""
+    t = probs.shape[2]
+    return probs[b, h].view(-1)[: t * nk].view(t, nk)
 
 
 class _AttendPairs(torch.autograd.Function):
@@ -61,17 +69,18 @@ class _AttendPairs(torch.autograd.Function):
         b_, h_, t, dk = qu.shape
         quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)  # kc pre-scaled by 1/sqrt(dk)
         vc = v.contiguous()  # (B, H, T, dk)
-        kbs = key_rows(key_bias)
+        keys = key_rows(key_bias)
         out = qu.new_empty(b_, t, h_, dk)  # (B, T, H, dk): heads merged by the view at the end
         probs = qu.new_empty(b_, h_, t, t) if store else None  # (B, H, T, T)
         for b in range(b_):
+            kb, nk = keys[b]  # keys from nk on are all masked: left out
             for h in range(h_):
-                att = _probs(quc, kc, qvc, pc, kbs[b], b, h, pos_rows)  # (T, T)
+                att = _probs(quc, kc, qvc, pc, kb, nk, b, h, pos_rows)  # (T, n_k)
                 if probs is not None:
-                    probs[b, h] = att
+                    _pair_probs(probs, b, h, nk).copy_(att)
                 if keep is not None:
-                    att = att.mul_(_factor(keep, b, h, att.dtype).mul_(keep_scale_))  # dropped
-                out[b, :, h] = mm(att, vc[b, h])  # (T, dk)
+                    att = att.mul_(_factor(keep, b, h, nk, att.dtype).mul_(keep_scale_))  # dropped
+                out[b, :, h] = mm(att, vc[b, h, :nk])  # (T, dk)
         ctx.save_for_backward(quc, kc, vc, qvc, pc, key_bias, keep, out, probs)
         ctx.keep_scale, ctx.pos_rows = keep_scale_, pos_rows
         return out.view(b_, t, h_ * dk)  # (B, T, D)
@@ -85,30 +94,36 @@ class _AttendPairs(torch.autograd.Function):
         dqu, dk_, dv = torch.empty_like(quc), torch.empty_like(kc), torch.empty_like(vc)  # (B, H, T, dk)
         dqv = None if qvc is None else torch.empty_like(qvc)
         dp = None if pc is None else torch.zeros_like(pc)  # (H, 2T-1, dk)
-        kbs = key_rows(key_bias)
+        keys = key_rows(key_bias)
         for b in range(b_):
+            kb, nk = keys[b]
+            if nk < t:  # the left-out keys get no gradient
+                dk_[b, :, nk:], dv[b, :, nk:] = 0.0, 0.0
             for h in range(h_):
-                att = _probs(quc, kc, qvc, pc, kbs[b], b, h, pos_rows) if probs is None else probs[b, h]  # (T, T)
+                if probs is None:
+                    att = _probs(quc, kc, qvc, pc, kb, nk, b, h, pos_rows)  # (T, n_k)
+                else:
+                    att = _pair_probs(probs, b, h, nk)
                 gob = go[b, :, h].contiguous()  # (T, dk)
-                kf = None if keep is None else _factor(keep, b, h, att.dtype).mul_(ctx.keep_scale)  # (T, T)
+                kf = None if keep is None else _factor(keep, b, h, nk, att.dtype).mul_(ctx.keep_scale)  # (T, n_k)
                 # x^T y products as (y^T x)^T: oneDNN copies a transposed left operand, here the small one
-                dv[b, h] = mm(gob.t(), att if kf is None else att * kf).t()  # (T, dk)
-                ds = mm(gob, vc[b, h].t())  # d(dropped) (T, T)
+                dv[b, h, :nk] = mm(gob.t(), att if kf is None else att * kf).t()  # (n_k, dk)
+                ds = mm(gob, vc[b, h, :nk].t())  # d(dropped) (T, n_k)
                 if kf is not None:
                     ds = ds.mul_(kf)  # d(att)
                 # softmax backward with the row sums of d(att) * att taken as d(out) . out (FlashAttention's trick)
                 rowdot = (gob * out[b, :, h]).sum(-1, keepdim=True)  # (T, 1)
                 ds = ds.sub_(rowdot).mul_(att)  # d(scores) (T, T)
-                mm(ds, kc[b, h], out=dqu[b, h])  # (T, dk); kc carries the 1/sqrt(dk)
-                torch.mul(mm(quc[b, h].t(), ds).t(), scale, out=dk_[b, h])  # (T, dk)
+                mm(ds, kc[b, h, :nk], out=dqu[b, h])  # (T, dk); kc carries the 1/sqrt(dk)
+                torch.mul(mm(quc[b, h].t(), ds).t(), scale, out=dk_[b, h, :nk])  # (n_k, dk)
                 if pc is None:
                     continue
                 for a in range(0, t, pos_rows):
                     e = min(a + pos_rows, t)
-                    local = ds.new_zeros(e - a, t + e - a - 1)  # (n, T+n-1), as in _probs
-                    _by_key(local[None], 1, 1, e - a, t)[0, 0].copy_(ds[a:e])
-                    mm(local, pc[h, t - e : 2 * t - 1 - a], out=dqv[b, h, a:e])  # (n, dk)
-                    dp[h, t - e : 2 * t - 1 - a] += mm(qvc[b, h, a:e].t(), local).t()  # (T+n-1, dk)
+                    local = ds.new_zeros(e - a, nk + e - a - 1)  # (n, n_k+n-1), as in _probs
+                    _by_key(local[None], 1, 1, e - a, nk)[0, 0].copy_(ds[a:e])
+                    mm(local, pc[h, t - e : t - 1 - a + nk], out=dqv[b, h, a:e])  # (n, dk)
+                    dp[h, t - e : t - 1 - a + nk] += mm(qvc[b, h, a:e].t(), local).t()  # (n_k+n-1, dk)
         return dqu, dk_, dv, dqv, dp, None, None, None, None, None
 
 
