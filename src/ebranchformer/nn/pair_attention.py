@@ -7,7 +7,10 @@ forward keeps only its inputs, the dropout keep-mask and its output, and the bac
 (T, T) scores and softmax (FlashAttention's scheme), unless ``store`` keeps the probabilities. Per pair every
 product is one 2-D oneDNN matmul (:func:`~.linear.mm`), the positional term in sub-blocks of ``pos_rows`` queries
 that read only the table rows their distances reach, and only the keys up to the batch row's last valid one
-(:func:`~.blocked_attention.key_rows`; the keys after it get zero gradients). The blocked path's batched products run on MKL's
+(:func:`~.blocked_attention.key_rows`; the keys after it get zero gradients). With the bench batch's lengths
+(T' = 399-499) one attention layer's forward + backward took 0.97x the time with all keys on 2 threads, 0.93x on
+1 (Zen 5 VM, 12-20 alternating rounds); on the whole ls100 training step the difference was within the noise
+(0.96-1.03x over three sets of 5-7 rounds). The blocked path's batched products run on MKL's
 ``bmm``, at about half oneDNN's rate on the project's AMD EPYC Zen 5 VM (BENCHMARKS.md, session 19). The attention
 modules take this path from T' >= 448 on (``attention._PAIRS_MIN_T``): below that the per-pair overhead made it
 slower than the blocks. Measured on 2 threads only; with many threads each pair's (T, T) products are split finer.
