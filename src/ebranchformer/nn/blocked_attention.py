@@ -97,7 +97,7 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     table rows). The products q k^T, the positional q p^T and softmax(scores) v run on oneDNN
     (:func:`~.linear.onednn_xwt_eager`: the op called directly, without the custom op's dispatch, since this
     loop is never traced; bf16 encoder forward 0.983x, 7 rounds alternating in one process on the Zen 5 VM); the
-    key mask is added only on rows with padding. Returns (B, T, H*dk).
+    key mask is added only on rows with masked keys before their last valid one. Returns (B, T, H*dk).
 
     Each pair's products leave out the keys after its batch row's last valid one (:func:`key_rows`; one ls100
     attention layer with the bench batch's lengths, T' = 399-499: 0.96x the time in float32, 0.98x under bf16
