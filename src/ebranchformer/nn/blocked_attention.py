@@ -32,7 +32,6 @@ from .linear import onednn_xwt_eager
 __all__ = ["attend_blocks", "attend_blocks_train", "attend_pairs", "block_rows"]
 
 _HALF = (torch.float16, torch.bfloat16)  # softmax runs in float32 for these
-_XWT = onednn_xwt_eager  # x w^T on oneDNN for attend_pairs, whose Python loop is never traced
 
 
 def block_rows(b: int, h: int, t: int, block_bytes: int, itemsize: int = 4) -> int:
@@ -121,12 +120,12 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
         for h in range(h_):
             for a0 in range(0, t, rows):
                 e0 = min(a0 + rows, t)
-                s = _XWT(quc[b, h, a0:e0], kc[b, h, :nk])  # (n0, n_k)
+                s = onednn_xwt_eager(quc[b, h, a0:e0], kc[b, h, :nk])  # (n0, n_k)
                 if pc is not None:
-                    add_pair_pos(s, qvc, pc, b, h, a0, e0, pos_rows, _XWT)
+                    add_pair_pos(s, qvc, pc, b, h, a0, e0, pos_rows, onednn_xwt_eager)
                 if kb is not None:
                     s += kb
-                out[b, a0:e0, h] = _XWT(torch.softmax(s, dim=-1), vc[b, h, :nk].t())  # (n0, dk)
+                out[b, a0:e0, h] = onednn_xwt_eager(torch.softmax(s, dim=-1), vc[b, h, :nk].t())  # (n0, dk)
     return out.view(b_, t, h_ * dk)
 
 
