@@ -156,10 +156,11 @@ def key_rows(key_bias: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
     add). A row without any valid key keeps all T (its softmax then gives NaN, as on the plain path)."""
     b, t = key_bias.shape[0], key_bias.shape[-1]
     masked = torch.isneginf(key_bias.view(b, t))  # (B, T)
-    valid_at = torch.where(masked, 0, torch.arange(1, t + 1, device=masked.device))  # (B, T): index + 1 if valid
-    ends = valid_at.amax(-1)  # (B,): one past the last valid key, 0 without any
-    ends = torch.where(ends == 0, t, ends).tolist()
-    holes = [bool(masked[i, : ends[i]].any()) for i in range(b)]
+    index = torch.arange(t, device=masked.device)  # (T,)
+    ends = torch.where(masked, 0, index + 1).amax(-1)  # (B,): one past the last valid key, 0 without any
+    ends = torch.where(ends == 0, t, ends)  # (B,)
+    holes = (masked & (index < ends[:, None])).any(-1).tolist()  # masked keys among each row's kept ones
+    ends = ends.tolist()
     return [(key_bias[i, 0, 0, : ends[i]] if holes[i] else None, ends[i]) for i in range(b)]
 
 
