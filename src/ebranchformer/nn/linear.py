@@ -86,9 +86,9 @@ def linear(
     With ``onednn`` (Default: ``True``) and a float32 CPU input outside autocast, on a CPU where oneDNN's float32
     products are the faster (:func:`~.cpu_features.cpu_onednn_fp32_faster`: not x86 without AVX-512), the product
     runs on oneDNN with the bias inside the GEMM; without gradients a SiLU/GELU/ReLU ``activation`` is applied there
-    too. The same holds in bf16 for inference under CPU bf16 autocast (inputs cast to bf16 as autocast casts them, bf16 output; the fused
-    activation then acts on the float32 accumulator, before the rounding to bf16). Otherwise (and for any other
-    activation) it is ``activation(F.linear(x, weight, bias))``.
+    too. The same holds in bf16 for inference under CPU bf16 autocast (inputs cast to bf16 as autocast casts them,
+    bf16 output; the fused activation then acts on the float32 accumulator, before the rounding to bf16). Otherwise
+    (and for any other activation) it is ``activation(F.linear(x, weight, bias))``.
     """
     grads = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -133,9 +133,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, compute: torch.dtype, keep: bool)
 
 
 def onednn_float32(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`onednn_linear` can serve these tensors in float32 (whether :func:`linear` also picks it depends on
-    :func:`~.cpu_features.cpu_onednn_fp32_faster` as well): all
-    float32 on the CPU, oneDNN built in and enabled, and no CPU autocast active."""
+    """Whether :func:`onednn_linear` can serve these tensors in float32 (whether :func:`linear` also picks it depends
+    on :func:`~.cpu_features.cpu_onednn_fp32_faster` as well): all float32 on the CPU, oneDNN built in and enabled,
+    and no CPU autocast active."""
     return all(_onednn_dtype(x, x, grads=False) == torch.float32 for x in tensors)
 
 
