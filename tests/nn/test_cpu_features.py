@@ -7,6 +7,8 @@ import torch
 from ebranchformer.nn import cpu_features
 from ebranchformer.nn.cpu_features import (
     cpu_amx_bf16,
+    cpu_avx512_double_pumped,
+    cpu_family,
     cpu_onednn_bf16,
     cpu_onednn_fp32_faster,
     cpu_onednn_mm_faster,
@@ -61,12 +63,15 @@ def test_cpu_onednn_fp32_faster_by_isa(monkeypatch, machine, capability, faster)
     assert _answer_on(monkeypatch, cpu_onednn_fp32_faster, machine, capability) is faster
 
 
-def _answer_on(monkeypatch, rule, machine: str, capability: str, vendor: str | None = None) -> bool:
-    """``rule()`` (a cached cpu_features query) as on a CPU of this machine type, ISA level (and vendor)."""
+def _answer_on(monkeypatch, rule, machine: str, capability: str, vendor: str | None = None,
+               family: int | None = None) -> bool:
+    """``rule()`` (a cached cpu_features query) as on a CPU of this machine type, ISA level (and vendor, family)."""
     monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     if vendor is not None:
         monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: vendor)
+    if family is not None:
+        monkeypatch.setattr(cpu_features, "cpu_family", lambda: family)
     rule.cache_clear()
     try:
         return rule()
@@ -89,3 +94,20 @@ def test_cpu_onednn_mm_faster_only_on_avx512_cpus_not_made_by_intel():
 ])  # fmt: skip
 def test_cpu_onednn_mm_faster_by_vendor_and_isa(monkeypatch, machine, vendor, capability, faster):
     assert _answer_on(monkeypatch, cpu_onednn_mm_faster, machine, capability, vendor) is faster
+
+
+def test_cpu_family_is_the_kernels_cpu_family():
+    family = _cpuinfo_field("cpu family") if _CPUINFO.exists() else ""
+    assert cpu_family() == (int(family) if family.isdigit() else None)
+    if platform.machine().lower() in ("x86_64", "amd64") and _CPUINFO.exists():  # and this CPU's answer
+        zen4 = cpu_vendor() == "AuthenticAMD" and cpu_family() == 25 and "avx512f" in _cpuinfo_field("flags").split()
+        assert cpu_avx512_double_pumped() == zen4
+
+
+@pytest.mark.parametrize(("vendor", "family", "capability", "split"), [
+    ("AuthenticAMD", 25, "AVX512", True), ("AuthenticAMD", 26, "AVX512", False), ("AuthenticAMD", 25, "AVX2", False),
+    ("GenuineIntel", 6, "AVX512", False),
+])  # fmt: skip
+def test_cpu_avx512_double_pumped_only_on_amd_zen4(monkeypatch, vendor, family, capability, split):
+    # Zen 4 (family 25 with AVX-512); not Zen 5 (26), Zen 3 (25, AVX2 only) or Intel
+    assert _answer_on(monkeypatch, cpu_avx512_double_pumped, "x86_64", capability, vendor, family) is split

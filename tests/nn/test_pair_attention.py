@@ -82,16 +82,23 @@ def test_attend_pairs_train_equals_attend_blocks_train(
 
 @pytest.mark.skipif(not _ONEDNN, reason="this torch has no oneDNN")
 @pytest.mark.parametrize("relpos", [True, False])
-@pytest.mark.parametrize(("faster", "min_t", "pairs"), [(True, 45, True), (True, 46, False), (False, 0, False)])
-def test_attention_training_takes_the_pairs_where_onednn_beats_mkl(monkeypatch, relpos, faster, min_t, pairs):
-    # float32 CPU training: on the pairs where cpu_onednn_mm_faster says so and T' >= _PAIRS_MIN_T, else the
-    # blocks; the same output and gradients (input and every parameter) as the plain path, same dropout masks
+@pytest.mark.parametrize(("faster", "zen4", "min_t", "pairs"), [
+    (True, False, 45, True), (True, False, 46, False), (False, False, 0, False), (True, True, 45, True),
+    (True, True, 46, False), (False, True, 0, False),
+])  # fmt: skip
+def test_attention_training_takes_the_pairs_where_onednn_beats_mkl(monkeypatch, relpos, faster, zen4, min_t, pairs):
+    # float32 CPU training: on the pairs where cpu_onednn_mm_faster says so and T' >= _PAIRS_MIN_T (on AMD Zen 4,
+    # cpu_avx512_double_pumped, T' >= _TRAIN_PAIRS_MIN_T_ZEN4), else the blocks; the same output and gradients
+    # (input and every parameter) as the plain path, same dropout masks
     att = RelPosSelfAttention(32, 4, att_dropout=0.2) if relpos else SelfAttention(32, 4, att_dropout=0.2)
     att = perturb_(att).train()
     x, valid = torch.randn(3, 45, 32, requires_grad=True), _valid([45, 30, 8], 45)
     monkeypatch.setattr(attention, "cpu_onednn_mm_faster", lambda: faster)
     monkeypatch.setattr(linear_mod, "cpu_onednn_mm_faster", lambda: faster)
-    monkeypatch.setattr(attention, "_PAIRS_MIN_T", min_t)
+    monkeypatch.setattr(attention, "cpu_avx512_double_pumped", lambda: zen4)
+    # the threshold that does not apply is set so that it would give the other answer
+    monkeypatch.setattr(attention, "_PAIRS_MIN_T", 10**6 if zen4 else min_t)
+    monkeypatch.setattr(attention, "_TRAIN_PAIRS_MIN_T_ZEN4", min_t if zen4 else 10**6)
     seen = []
     real = pair_attention.attend_pairs_train
     monkeypatch.setattr(attention, "attend_pairs_train", lambda *a, **k: seen.append(1) or real(*a, **k))

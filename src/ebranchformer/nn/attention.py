@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import register
 from .autocast import cpu_autocast_dtype
 from .blocked_attention import attend_blocks, attend_blocks_train, attend_pairs, block_rows
-from .cpu_features import cpu_amx_bf16, cpu_onednn_mm_faster, cpu_vendor
+from .cpu_features import cpu_amx_bf16, cpu_avx512_double_pumped, cpu_onednn_mm_faster, cpu_vendor
 from .dropout import Dropout, keep_mask
 from .linear import Linear, onednn_float32
 from .masking import check_frames, lengths_to_valid
@@ -28,8 +28,12 @@ _BLOCK_BYTES = 4 << 20  # size of one query block's (B, H, r, T) scores on the b
 _TRAIN_BLOCK_BYTES = 4 << 20  # ... and in training
 # Inference from this many frames T' on: attend_pairs (oneDNN products, one (row, head) pair at a time, scores in
 # blocks of _PAIR_BLOCK_BYTES) instead of SDPA in blocks; below it SDPA was faster (blocked_attention.attend_pairs).
-# Training takes pair_attention.attend_pairs_train from the same T' on (where cpu_onednn_mm_faster).
+# Training takes pair_attention.attend_pairs_train from the same T' on (where cpu_onednn_mm_faster), on AMD Zen 4
+# (cpu_avx512_double_pumped) from _TRAIN_PAIRS_MIN_T_ZEN4 on: ls100 training step on the Zen 4 VM (2 threads, 5
+# alternating rounds in one process), the blocks against the pairs: 0.91x at 8 x 499, 0.98-1.01x at 3 x 749, 1.01-
+# 1.02x at 2 x 999, 1.11x at 1 x 1999.
 _PAIRS_MIN_T = 448
+_TRAIN_PAIRS_MIN_T_ZEN4 = 768
 _PAIR_BLOCK_BYTES = 2 << 20
 
 
@@ -157,7 +161,8 @@ class _MultiHeadBase(nn.Module):
                 return attend_pairs(qu, k, v, qv, p, key_bias, _PAIR_BLOCK_BYTES)
             return attend_blocks(qu, k, v, qv, p, key_bias, block, tails)
         keep = keep_mask((b, h, t, t), drop, qu.device) if drop > 0 else None  # (B, H, T, T) bool
-        pairs = self.onednn and t >= _PAIRS_MIN_T and cpu_onednn_mm_faster()
+        min_t = _TRAIN_PAIRS_MIN_T_ZEN4 if cpu_avx512_double_pumped() else _PAIRS_MIN_T
+        pairs = self.onednn and t >= min_t and cpu_onednn_mm_faster()
         if pairs and onednn_float32(qu, k, v, *(x for x in (qv, p) if x is not None)):
             # where MKL runs at half oneDNN's rate (AMD with AVX-512): every product a 2-D oneDNN matmul per pair.
             # Their per-pair overhead made them slower at short T' (one layer's attention fwd+bwd, dk = 64, 4 heads,
