@@ -29,9 +29,9 @@ _TRAIN_BLOCK_BYTES = 4 << 20  # ... and in training
 # Inference from this many frames T' on: attend_pairs (oneDNN products, one (row, head) pair at a time, scores in
 # blocks of _PAIR_BLOCK_BYTES) instead of SDPA in blocks; below it SDPA was faster (blocked_attention.attend_pairs).
 # Training takes pair_attention.attend_pairs_train from the same T' on (where cpu_onednn_mm_faster), on AMD Zen 4
-# (cpu_avx512_double_pumped) from _TRAIN_PAIRS_MIN_T_ZEN4 on: ls100 training step on the Zen 4 VM (2 threads, 5
-# alternating rounds in one process), the blocks against the pairs: 0.91x at 8 x 499, 0.98-1.01x at 3 x 749, 1.01-
-# 1.02x at 2 x 999, 1.11x at 1 x 1999.
+# (cpu_avx512_double_pumped) from _TRAIN_PAIRS_MIN_T_ZEN4 on: ls100 training step on the Zen 4 VM (2 threads, 3-7
+# alternating rounds in one process), the blocks against the pairs: 0.91-0.96x at 8 x 499 (four sets, one with
+# ESPnet's step between), 0.98-1.01x at 3 x 749, 1.01-1.02x at 2 x 999, 1.11x at 1 x 1999.
 _PAIRS_MIN_T = 448
 _TRAIN_PAIRS_MIN_T_ZEN4 = 768
 _PAIR_BLOCK_BYTES = 2 << 20

@@ -65,11 +65,10 @@ def cpu_onednn_mm_faster() -> bool:
 def cpu_avx512_double_pumped() -> bool:
     """Whether this CPU runs AVX-512 as two 256-bit halves: AMD family 25 with AVX-512 (Zen 4; Zen 3, the same
     family, has no AVX-512). MKL's AVX2 kernels then lose less to oneDNN's AVX-512 ones than on Zen 5 (family 26,
-    full-width): square n = 2048 float32 products on 2 threads, ``mm`` 142 against oneDNN's 214 GFLOP/s on the
+    full-width): square n = 2048 float32 products on 2 threads, ``mm`` 142-184 against oneDNN's 214 GFLOP/s on the
     project's Zen 4 VM, 207 against 463 on its Zen 5 VM. So on Zen 4 the per-pair training attention (oneDNN, one
     (row, head) pair at a time) pays for its per-pair overhead only at longer T' (``attention``)."""
-    family = cpu_family()
-    return _x86_capability() == "AVX512" and cpu_vendor() == "AuthenticAMD" and family == 25
+    return _x86_capability() == "AVX512" and cpu_vendor() == "AuthenticAMD" and cpu_family() == 25
 
 
 @functools.cache

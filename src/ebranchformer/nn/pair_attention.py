@@ -14,7 +14,8 @@ that read only the table rows their distances reach, and only the keys up to the
 ``bmm``, at about half oneDNN's rate on the project's AMD EPYC Zen 5 VM (BENCHMARKS.md, session 19). The attention
 modules take this path from T' >= 448 on (``attention._PAIRS_MIN_T``): below that the per-pair overhead made it
 slower than the blocks. On AMD Zen 4, where MKL's products are nearer oneDNN's, only from T' >= 768 on
-(``attention._TRAIN_PAIRS_MIN_T_ZEN4``, :func:`~.cpu_features.cpu_avx512_double_pumped`). Measured on 2 threads only; with many threads each pair's (T, T) products are split finer.
+(``attention._TRAIN_PAIRS_MIN_T_ZEN4``, :func:`~.cpu_features.cpu_avx512_double_pumped`). Measured on 2 threads
+only; with many threads each pair's (T, T) products are split finer.
 
 Notation as in :mod:`.blocked_attention`: ``qu`` (B, H, T, dk) the queries that meet the keys, ``qv`` those that
 meet the table (already scaled by 1/sqrt(dk)), ``p`` (H, 2T-1, dk) the table with row m for distance T-1-m,
