@@ -97,8 +97,9 @@ def test_attention_training_takes_the_pairs_where_onednn_beats_mkl(monkeypatch, 
     monkeypatch.setattr(linear_mod, "cpu_onednn_mm_faster", lambda: faster)
     monkeypatch.setattr(attention, "cpu_avx512_double_pumped", lambda: zen4)
     # the threshold that does not apply is set so that it would give the other answer
-    monkeypatch.setattr(attention, "_PAIRS_MIN_T", 10**6 if zen4 else min_t)
-    monkeypatch.setattr(attention, "_TRAIN_PAIRS_MIN_T_ZEN4", min_t if zen4 else 10**6)
+    other = 10**6 if pairs else 0
+    monkeypatch.setattr(attention, "_PAIRS_MIN_T", other if zen4 else min_t)
+    monkeypatch.setattr(attention, "_TRAIN_PAIRS_MIN_T_ZEN4", min_t if zen4 else other)
     seen = []
     real = pair_attention.attend_pairs_train
     monkeypatch.setattr(attention, "attend_pairs_train", lambda *a, **k: seen.append(1) or real(*a, **k))
