@@ -612,7 +612,9 @@ def test_attend_pairs_converts_bf16_keys_and_values_as_float_does():
     k, v = qkv[1], qkv[2]
     p = torch.randn(h, 2 * t - 1, dk, generator=gen)
     key_bias = torch.zeros(b, 1, 1, t).masked_fill_(~_valid([29, 11], t)[:, None, None], float("-inf"))
-    for got, want in zip(dense_pair_operands(qu, k, qv, p), dense_pair_operands(qu, k.float(), qv, p)):
+    got_all, want_all = dense_pair_operands(qu, k, v, qv, p), dense_pair_operands(qu, k.float(), v.float(), qv, p)
+    assert len(got_all) == len(want_all) == 5
+    for got, want in zip(got_all, want_all):
         assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, want)
     with torch.no_grad():
         got = attend_pairs(qu, k, v, qv, p, key_bias, 700)

@@ -110,8 +110,7 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     utterance (T' = 1999); slower below T' of about 450 (1.02-1.05x at T' = 124-399 for one row), where the caller
     keeps SDPA."""
     b_, h_, t, dk = qu.shape
-    quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)
-    vc = dense_float(v)  # (B, H, T, dk); its (n_k, dk) rows go to oneDNN transposed (faster than a dense v^T)
+    quc, kc, vc, qvc, pc = dense_pair_operands(qu, k, v, qv, p)  # vc's (n_k, dk) rows go to oneDNN transposed
     keys = key_rows(key_bias)
     rows = max(1, block_bytes // (4 * t * pos_rows)) * pos_rows  # whole sub-blocks of positional rows
     out = qu.new_empty(b_, t, h_, dk)
@@ -129,15 +128,16 @@ def attend_pairs(qu, k, v, qv, p, key_bias, block_bytes: int, pos_rows: int = 12
     return out.view(b_, t, h_ * dk)
 
 
-def dense_pair_operands(qu, k, qv, p):
-    """The dense operands of the per-pair products: qu, k pre-scaled by 1/sqrt(dk) (both (B, H, T, dk)), qv and
+def dense_pair_operands(qu, k, v, qv, p):
+    """The dense operands of the per-pair products: qu, k pre-scaled by 1/sqrt(dk), v (all (B, H, T, dk)), qv and
     p ((H, 2T-1, dk)) or None. oneDNN is slow on strided slices, so each is copied dense once per call, in one pass
     that also converts a half-precision input to float32 (bf16 inference hands over its k and v projections as
     they are)."""
     scale = 1.0 / math.sqrt(qu.shape[-1])
     kc = k.new_empty(k.shape, dtype=torch.float32 if k.dtype in _HALF else k.dtype)  # (B, H, T, dk)
     kc = torch.mul(k, scale, out=kc) if k.dtype == kc.dtype else kc.copy_(k).mul_(scale)  # pre-scaled
-    return dense_float(qu), kc, None if qv is None else dense_float(qv), None if p is None else dense_float(p)
+    qvc, pc = (None if x is None else dense_float(x) for x in (qv, p))
+    return dense_float(qu), kc, dense_float(v), qvc, pc
 
 
 def dense_float(x: torch.Tensor) -> torch.Tensor:

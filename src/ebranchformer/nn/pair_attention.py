@@ -72,8 +72,7 @@ class _AttendPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qu, k, v, qv, p, key_bias, keep, keep_scale_: float, pos_rows: int, store: bool):
         b_, h_, t, dk = qu.shape
-        quc, kc, qvc, pc = dense_pair_operands(qu, k, qv, p)  # kc pre-scaled by 1/sqrt(dk)
-        vc = v.contiguous()  # (B, H, T, dk)
+        quc, kc, vc, qvc, pc = dense_pair_operands(qu, k, v, qv, p)  # kc pre-scaled by 1/sqrt(dk)
         keys = key_rows(key_bias)
         out = qu.new_empty(b_, t, h_, dk)  # (B, T, H, dk): heads merged by the view at the end
         probs = qu.new_empty(b_, h_, t, t) if store else None  # (B, H, T, T)
